@@ -1,0 +1,353 @@
+"""Typed, frozen run configuration loaded from YAML, with dotted command-line overrides.
+
+    cfg = load_config("configs/smollm2_demo.yaml", overrides=["distill.optim.lr=0.005", "mesh.fsdp=2"])
+
+Unknown keys and values of the wrong type are errors (`ConfigError`) that name the key, the file and the valid
+keys; command-line entry points turn them into exit code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from typing import Any, Mapping, Sequence, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid."""
+
+
+# ------------------------------------------------------------------------------------------------- sections
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    path: str = "artifacts/smollm2-135m"  # Hugging Face Llama directory (config.json + safetensors)
+    checkpoint: str | None = None  # optional Orbax checkpoint of the converted base weights (faster than HF)
+    param_dtype: str = "bfloat16"
+    compute_dtype: str = "float32"
+    remat: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+    kind: str = "lolcats"  # lolcats | softmax (keep the model as is)
+    form: str = "hybrid"  # hybrid | linear
+    window: str = "tk"  # tk (terraced, start-aligned blocks) | sw (sliding window)
+    window_size: int = 64
+    feature_map: str = "softmax_dim"  # softmax_dim | exp_dim | relu | pos_elu
+    fullspace: bool = True
+    feature_dim: int = 64
+    feature_init: str = "identity"  # identity (zero_init of the released runs) | kaiming
+    feature_bias: bool = False
+    eps: float = 1e-12
+    init_window_factor: float = -2.1972245773362196  # logit(0.1)
+    affine: bool = False
+    compat: bool = False  # original end-aligned terraced masks (reproducing released checkpoints only)
+    backend: str = "auto"  # auto | reference | chunked | pallas | triton
+    chunk_size: int = 64
+    softmax_layers: tuple[int, ...] = ()  # layers kept as softmax attention
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    data: int = 1
+    fsdp: int = -1  # -1: the remaining devices
+    tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    format: str = "alpaca"  # alpaca (instruction/input/output JSON[L]) | text (txt files or JSONL "text") | arrow
+    train: tuple[str, ...] = ()  # files, directories or globs
+    validation: tuple[str, ...] = ()  # empty: split `val_size` chunks off the training data
+    template: str = "alpaca"  # alpaca | chat (the tokenizer's chat template); alpaca format only
+    chunk_size: int = 1024
+    val_size: int = 16  # number of packed chunks held out when `validation` is empty
+    max_train_chunks: int | None = None
+    seed: int = 0
+    tokenizer: str | None = None  # defaults to model.path
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    lr: float = 1e-2
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    grad_accum: int = 1
+    clip_norm: float | None = None
+    schedule: str = "plateau"  # constant | cosine | plateau
+    warmup_steps: int = 0
+    min_lr: float = 1e-5
+    plateau_factor: float = 0.1
+    plateau_patience: int = 10
+    plateau_threshold: float = 1e-4
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    data: DataConfig = DataConfig()
+    optim: OptimizerConfig = OptimizerConfig()
+    batch_size: int = 1
+    max_steps: int = 100
+    epochs: int | None = None  # when set, max_steps is derived from the dataset size
+    eval_every: int = 20
+    eval_batches: int | None = None  # None: the whole validation split
+    mse_factor: float = 1000.0
+    xent_factor: float = 0.0
+    checkpoint_every: int = 20
+    log_every: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("q", "k", "v", "o")
+    train_attention: bool = False  # also train feature maps and window factors
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    data: DataConfig = DataConfig()
+    optim: OptimizerConfig = OptimizerConfig(lr=1e-4)
+    lora: LoraConfig = LoraConfig()
+    batch_size: int = 1
+    max_steps: int = 100
+    epochs: int | None = None
+    eval_every: int = 20
+    eval_batches: int | None = None
+    checkpoint_every: int = 20
+    log_every: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+    size: int = 5  # layers per block (k)
+    index: str = "all"  # a block index, or "all"
+    store: str | None = None  # where collected block inputs live (default: <run.dir>/block_inputs)
+    max_train_samples: int | None = None
+    max_val_samples: int | None = None
+    ignore_disk_check: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    tasks: tuple[str, ...] = ()
+    limit: int | None = None
+    batch_size: int = 8
+    perplexity: tuple[str, ...] = ()  # held-out text files
+    max_perplexity_tokens: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateConfig:
+    prompt: str = "Once upon a time, there was a little girl who"
+    max_new_tokens: int = 32
+    chat: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    dir: str = "runs/default"
+    seed: int = 0
+    stages: tuple[str, ...] = ("distill", "finetune", "evaluate", "export")
+    coordinator: str | None = None  # host:port for jax.distributed (auto-detected under SLURM)
+    num_processes: int | None = None
+    process_id: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    run: RunConfig = RunConfig()
+    model: ModelConfig = ModelConfig()
+    attention: AttentionConfig = AttentionConfig()
+    mesh: MeshConfig = MeshConfig()
+    distill: DistillConfig = DistillConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    block: BlockConfig = BlockConfig()
+    evaluate: EvalConfig = EvalConfig()
+    generate: GenerateConfig = GenerateConfig()
+
+
+# --------------------------------------------------------------------------------------------- conversion
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    """Checks/converts a YAML value to the annotated type `tp`."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping (section {tp.__name__}), got {value!r}")
+        return _build(tp, value, where)
+    if origin is tuple:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        return tuple(_convert(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads "1e-2" as a string
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported annotation {tp}")
+
+
+def _build(cls: type, raw: Mapping[str, Any], where: str):
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - fields)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(fields)}")
+    kwargs = {}
+    for name, value in raw.items():
+        kwargs[name] = _convert(value, hints[name], f"{where}.{name}" if where else name)
+    return cls(**kwargs)
+
+
+def _merge(base: dict, update: Mapping) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _parse_override(item: str, source: str) -> dict:
+    if "=" not in item:
+        raise ConfigError(f"{source}: override {item!r} must look like key.sub=value")
+    key, text = item.split("=", 1)
+    try:
+        value = yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        value = text
+    node: Any = value
+    for part in reversed(key.strip().split(".")):
+        if not part:
+            raise ConfigError(f"{source}: override {item!r} has an empty key part")
+        node = {part: node}
+    return node
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Loads `path` (YAML; may be None for defaults), applies `overrides`, validates and returns a Config."""
+    raw: dict = {}
+    where = "<defaults>"
+    if path is not None:
+        where = os.fspath(path)
+        if not os.path.isfile(where):
+            raise ConfigError(f"{where}: config file not found")
+        with open(where) as f:
+            try:
+                loaded = yaml.safe_load(f)
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{where}: not valid YAML ({e})") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, Mapping):
+            raise ConfigError(f"{where}: the top level must be a mapping of sections, got {type(loaded).__name__}")
+        raw = dict(loaded)
+    for item in overrides:
+        raw = _merge(raw, _parse_override(item, f"{where} (command line)"))
+    try:
+        cfg = _build(Config, raw, "")
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    validate(cfg, where)
+    return cfg
+
+
+_CHOICES = {
+    ("attention", "kind"): ("lolcats", "softmax"),
+    ("attention", "form"): ("hybrid", "linear"),
+    ("attention", "window"): ("tk", "sw"),
+    ("attention", "feature_map"): ("softmax_dim", "exp_dim", "relu", "pos_elu"),
+    ("attention", "feature_init"): ("identity", "kaiming"),
+    ("attention", "backend"): ("auto", "reference", "chunked", "pallas", "triton"),
+    ("model", "param_dtype"): ("float32", "bfloat16", "float16"),
+    ("model", "compute_dtype"): ("float32", "bfloat16", "float16"),
+}
+
+
+def validate(cfg: Config, where: str = "<config>") -> None:
+    for (section, key), choices in _CHOICES.items():
+        value = getattr(getattr(cfg, section), key)
+        if value not in choices:
+            raise ConfigError(f"{where}: {section}.{key}={value!r} is not one of {list(choices)}")
+    known_stages = ("collect", "distill", "distill_block", "stitch", "finetune", "evaluate", "export")
+    for stage in cfg.run.stages:
+        if stage not in known_stages:
+            raise ConfigError(f"{where}: run.stages contains {stage!r}; valid stages: {list(known_stages)}")
+    for name in ("distill", "finetune"):
+        sec = getattr(cfg, name)
+        if sec.data.format not in ("alpaca", "text", "arrow"):
+            raise ConfigError(f"{where}: {name}.data.format={sec.data.format!r} is not one of ['alpaca', 'text', 'arrow']")
+        if sec.optim.schedule not in ("constant", "cosine", "plateau"):
+            raise ConfigError(f"{where}: {name}.optim.schedule={sec.optim.schedule!r} is not one of ['constant', 'cosine', 'plateau']")
+        if sec.data.template not in ("alpaca", "chat"):
+            raise ConfigError(f"{where}: {name}.data.template={sec.data.template!r} is not one of ['alpaca', 'chat']")
+    if cfg.attention.window_size <= 0:
+        raise ConfigError(f"{where}: attention.window_size must be positive, got {cfg.attention.window_size}")
+
+
+def to_dict(cfg: Any) -> Any:
+    """Plain YAML-able dict of a config (tuples as lists)."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, tuple):
+        return [to_dict(v) for v in cfg]
+    return cfg
+
+
+def dump_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Writes the resolved config atomically."""
+    tmp = f"{os.fspath(path)}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    os.replace(tmp, path)

@@ -1,0 +1,124 @@
+"""Prefill and token-by-token decoding with per-layer caches.
+
+Softmax layers keep a KV cache of `max_len` slots; LoLCATS layers keep the constant-size recurrent state of
+`kernels.lolcats` (linear state S, normaliser z and the window's keys/values), so their memory does not grow with
+the generated length.
+
+Batches are RIGHT-padded: row b holds `lengths[b]` real tokens at positions 0..lengths[b]-1 (callers with
+left-padded prompts shift them first, see `right_align`). Padded slots are never attended to and never enter a
+state. Rows advance together; each has its own position.
+
+Notation: B batch, T tokens, S cache slots, E hidden, H heads, K kv heads, D head dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from lolcats_jax.model import layer as L
+from lolcats_jax.model.llama import Llama, segments_of
+from lolcats_jax.model.softmax_attention import cached_softmax_attention, causal_softmax_attention, repeat_kv
+
+
+class Cache(NamedTuple):
+    segments: tuple  # per segment: {"k","v"} (softmax, stacked over the segment's layers) or a DecodeState (lolcats)
+    pos: jax.Array  # (B,) int32: tokens consumed per row (= position of the next token)
+
+
+def right_align(tokens_BT: jax.Array, mask_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Left-padded (or any-padded with contiguous real tokens) rows → right-padded rows + lengths."""
+    lengths = mask_BT.sum(axis=1).astype(jnp.int32)
+    first = jnp.argmax(mask_BT, axis=1)
+    idx = (jnp.arange(tokens_BT.shape[1])[None, :] + first[:, None]) % tokens_BT.shape[1]
+    shifted = jnp.take_along_axis(tokens_BT, idx, axis=1)
+    keep = jnp.arange(tokens_BT.shape[1])[None, :] < lengths[:, None]
+    return jnp.where(keep, shifted, 0), lengths
+
+
+def _lolcats_prefill(ctx, p, q, k, v, lengths):
+    from kernels.lolcats import prefill_state
+
+    G = ctx.cfg.group_size
+    kr, vr = repeat_kv(k, G), repeat_kv(v, G)
+    y = L.lolcats_attention_fn(ctx, p, q, k, v)
+    state = prefill_state(kr, vr, L.fmap_params(p), ctx.opts.lolcats.spec(), lengths=lengths)
+    return y, state
+
+
+def prefill(model: Llama, tokens_BT: jax.Array, lengths_B: jax.Array, max_len: int) -> tuple[jax.Array, Cache]:
+    """Runs the prompt in parallel; returns the logits (B, V) of each row's last real token and the cache."""
+    B, T = tokens_BT.shape
+    if max_len < T:
+        raise ValueError(f"max_len={max_len} must be at least the prompt length T={T}")
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    ctx = model._ctx(positions)
+    x = model.embed_tokens(tokens_BT)
+    caches = []
+    for seg in segments_of(model.kinds):
+        params = model._segment_params(seg)
+
+        def body(x_BTE, p, kind=seg.kind):
+            q, k, v = L.qkv(ctx, p, x_BTE)
+            if kind == "softmax":
+                y = causal_softmax_attention(q, k, v)
+                pad = ((0, 0), (0, max_len - T), (0, 0), (0, 0))
+                c = {"k": jnp.pad(k, pad), "v": jnp.pad(v, pad)}
+            else:
+                y, c = _lolcats_prefill(ctx, p, q, k, v, lengths_B)
+            x_BTE = x_BTE + L.attn_out(ctx, p, y.astype(x_BTE.dtype))
+            x_BTE = x_BTE + L.mlp(ctx, p, x_BTE)
+            return x_BTE, c
+
+        x, c = jax.lax.scan(body, x, params)
+        caches.append(c)
+    last = jnp.take_along_axis(x, (lengths_B - 1)[:, None, None], axis=1)  # (B,1,E)
+    logits = model.logits(last)[:, 0]
+    return logits, Cache(tuple(caches), lengths_B.astype(jnp.int32))
+
+
+def decode_step(model: Llama, cache: Cache, tokens_B: jax.Array) -> tuple[jax.Array, Cache]:
+    """Consumes one token per row; returns logits (B, V) for the next token and the updated cache."""
+    pos = cache.pos
+    ctx = model._ctx(pos[:, None])
+    x = model.embed_tokens(tokens_B[:, None])
+    new = []
+    G = model.cfg.group_size
+    for seg, seg_cache in zip(segments_of(model.kinds), cache.segments):
+        params = model._segment_params(seg)
+
+        def body(x_B1E, inputs, kind=seg.kind):
+            p, c = inputs
+            q, k, v = L.qkv(ctx, p, x_B1E)
+            if kind == "softmax":
+                S = c["k"].shape[1]
+                here = (jnp.arange(S)[None, :] == pos[:, None])[:, :, None, None]
+                kc = jnp.where(here, k.astype(c["k"].dtype), c["k"])
+                vc = jnp.where(here, v.astype(c["v"].dtype), c["v"])
+                valid = (jnp.arange(S)[None, :] <= pos[:, None])[:, None, :]
+                y = cached_softmax_attention(q, kc, vc, valid)
+                c = {"k": kc, "v": vc}
+            else:
+                from kernels.lolcats import decode_step as lolcats_decode
+
+                kr, vr = repeat_kv(k, G), repeat_kv(v, G)
+                spec = ctx.opts.lolcats.spec()
+                y_t, c = lolcats_decode(c, q[:, 0], kr[:, 0], vr[:, 0], L.fmap_params(p), p["window_logit"], spec)
+                y = y_t[:, None]
+            x_B1E = x_B1E + L.attn_out(ctx, p, y.astype(x_B1E.dtype))
+            x_B1E = x_B1E + L.mlp(ctx, p, x_B1E)
+            return x_B1E, c
+
+        x, c = jax.lax.scan(body, x, (params, seg_cache))
+        new.append(c)
+    logits = model.logits(x)[:, 0]
+    return logits, Cache(tuple(new), pos + 1)
+
+
+def cache_bytes(cache: Cache) -> int:
+    return sum(int(a.size) * a.dtype.itemsize for a in jax.tree.leaves(cache))
+
+
+__all__ = ["Cache", "prefill", "decode_step", "right_align", "cache_bytes"]

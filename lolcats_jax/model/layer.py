@@ -1,0 +1,124 @@
+"""One decoder layer as a pure function of its (sliced) parameters, in the modes the project runs it in.
+
+Notation: B batch, T tokens, E hidden, H query heads, K kv heads, D head dim, M MLP hidden, R LoRA rank.
+
+Modes:
+    forward   plain forward (softmax or LoLCATS attention, LoRA if present); aux = {}
+    distill   teacher forcing for attention transfer: the layer returns the *teacher's* output (so every layer
+              sees the softmax model's hidden stream) and aux holds the per-layer losses of the student
+              attention against the teacher (MSE on per-head outputs before o_proj, optional attention xent)
+    collect   forward that also returns the layer's input hidden states (aux = {"input": x})
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from lolcats_jax.model.llama import LayerContext, apply_rope_ctx, causal_softmax_attention, repeat_kv, rms_norm
+from lolcats_jax.sharding import constrain
+
+
+def _w(p: dict, name: str, dtype) -> jax.Array:
+    return p[name].astype(dtype)
+
+
+def _lora(ctx: LayerContext, p: dict, target: str, x: jax.Array, spec_in: str, spec_out: str) -> jax.Array | None:
+    """Low-rank update (α/r)·B(A x) for `target`, or None. x's contraction dims are `spec_in`."""
+    if target not in ctx.lora_targets:
+        return None
+    a = p[f"lora_{target}_a"].astype(x.dtype)
+    b = p[f"lora_{target}_b"].astype(x.dtype)
+    h = jnp.einsum(f"{spec_in},{spec_in[2:]}r->btr", x, a)
+    return ctx.lora_scale * jnp.einsum(f"btr,r{spec_out}->bt{spec_out}", h, b)
+
+
+def _proj(ctx, p, name, target, x, spec_in, spec_out):
+    dt = x.dtype
+    y = jnp.einsum(f"{spec_in},{spec_in[2:]}{spec_out}->bt{spec_out}", x, _w(p, name, dt))
+    delta = _lora(ctx, p, target, x, spec_in, spec_out)
+    return y if delta is None else y + delta.astype(dt)
+
+
+def qkv(ctx: LayerContext, p: dict, x_BTE: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Post-RoPE q (B,T,H,D) and k, v (B,T,K,D) from the layer input (before the input norm)."""
+    h = rms_norm(x_BTE, p["attn_norm"], ctx.cfg.rms_norm_eps)
+    q = _proj(ctx, p, "wq", "q", h, "bte", "hd")
+    k = _proj(ctx, p, "wk", "k", h, "bte", "kd")
+    v = _proj(ctx, p, "wv", "v", h, "bte", "kd")
+    q = constrain(apply_rope_ctx(ctx, q), ("batch", "seq", "act_heads", None))
+    k = constrain(apply_rope_ctx(ctx, k), ("batch", "seq", "act_kv_heads", None))
+    v = constrain(v, ("batch", "seq", "act_kv_heads", None))
+    return q, k, v
+
+
+def attn_out(ctx: LayerContext, p: dict, y_BTHD: jax.Array) -> jax.Array:
+    dt = y_BTHD.dtype
+    o = jnp.einsum("bthd,hde->bte", y_BTHD, _w(p, "wo", dt))
+    if "o" in ctx.lora_targets:
+        a = p["lora_o_a"].astype(dt)
+        b = p["lora_o_b"].astype(dt)
+        o = o + ctx.lora_scale * jnp.einsum("btr,re->bte", jnp.einsum("bthd,hdr->btr", y_BTHD, a), b)
+    return constrain(o, ("batch", "seq", "act_embed"))
+
+
+def mlp(ctx: LayerContext, p: dict, x_BTE: jax.Array) -> jax.Array:
+    h = rms_norm(x_BTE, p["mlp_norm"], ctx.cfg.rms_norm_eps)
+    gate = _proj(ctx, p, "w_gate", "gate", h, "bte", "m")
+    up = _proj(ctx, p, "w_up", "up", h, "bte", "m")
+    act = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "act_mlp"))
+    return _proj(ctx, p, "w_down", "down", act, "btm", "e")
+
+
+def fmap_params(p: dict):
+    from kernels.lolcats import FeatureMapParams
+
+    return FeatureMapParams(wq=p["fmap_q"], wk=p["fmap_k"], bq=p.get("fbias_q"), bk=p.get("fbias_k"))
+
+
+def lolcats_attention_fn(ctx: LayerContext, p: dict, q, k, v):
+    from kernels.lolcats import Backend, lolcats_attention
+
+    lo = ctx.opts.lolcats
+    G = ctx.cfg.group_size
+    return lolcats_attention(
+        q, repeat_kv(k, G), repeat_kv(v, G), fmap_params(p), p["window_logit"], lo.spec(), backend=Backend(lo.backend)
+    )
+
+
+def make_body(ctx: LayerContext, kind: str, mode: str, **kw) -> Callable[[jax.Array, dict], tuple[jax.Array, Any]]:
+    if mode not in ("forward", "distill", "collect"):
+        raise ValueError(f"unknown layer mode {mode!r}")
+
+    def body(x_BTE: jax.Array, p: dict):
+        aux: dict[str, jax.Array] = {}
+        if mode == "collect":
+            aux["input"] = x_BTE
+        if mode == "distill":
+            x_BTE = jax.lax.stop_gradient(x_BTE)
+        q, k, v = qkv(ctx, p, x_BTE)
+        if kind == "softmax":
+            y = causal_softmax_attention(q, k, v)
+        elif mode == "distill":
+            y_teacher = jax.lax.stop_gradient(causal_softmax_attention(q, k, v))
+            q_s, k_s, v_s = (jax.lax.stop_gradient(t) for t in (q, k, v))
+            y_student = lolcats_attention_fn(ctx, p, q_s, k_s, v_s)
+            diff = y_student.astype(jnp.float32) - y_teacher.astype(jnp.float32)
+            aux["mse"] = jnp.mean(diff * diff)
+            if kw.get("xent", False):
+                from kernels.lolcats import attention_xent
+
+                G = ctx.cfg.group_size
+                aux["xent"] = attention_xent(
+                    q_s, repeat_kv(k_s, G), repeat_kv(v_s, G), fmap_params(p), p["window_logit"], ctx.opts.lolcats.spec()
+                )
+            y = y_teacher
+        else:
+            y = lolcats_attention_fn(ctx, p, q, k, v)
+        x_BTE = x_BTE + attn_out(ctx, p, y.astype(x_BTE.dtype))
+        x_BTE = x_BTE + mlp(ctx, p, x_BTE)
+        return x_BTE, aux
+
+    return body
