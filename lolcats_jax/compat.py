@@ -99,3 +99,15 @@ def gpu_available() -> bool:
         return any(d.platform == "gpu" for d in jax.devices())
     except RuntimeError:
         return False
+
+
+# --------------------------------------------------------------------------------------------- precision
+
+
+def enable_x64(enabled: bool = True):
+    """Context manager turning 64-bit types on (float64 ground-truth computations in tests)."""
+    if hasattr(jax, "enable_x64"):
+        return jax.enable_x64(enabled)
+    from jax.experimental import enable_x64 as _enable_x64  # older jax
+
+    return _enable_x64(enabled)

@@ -1,0 +1,133 @@
+"""Public entry point `lolcats_attention` and the backend registry.
+
+Notation: B batch, T tokens, H heads, D head dim (see spec.py). Layout [B, T, H, D]; keys/values already repeated
+to the H query heads and post-RoPE; positions 0..T-1.
+
+Backends are functions `fn(q, k, v, fmap, theta_H, spec) -> y` registered per `Backend`. REFERENCE and CHUNKED are
+built in; PALLAS / TRITON are plugged in with `register_backend`, or registered on import by the modules
+`kernels.lolcats.pallas` / `kernels.lolcats.triton`, which `resolve_backend` imports on demand when they exist.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import Callable, Iterable
+
+import jax
+from jaxtyping import Array, Float
+
+from kernels.lolcats.spec import Backend, FeatureMapParams, LolcatsSpec
+
+AttentionFn = Callable[..., Array]
+
+_REGISTRY: dict[Backend, tuple[AttentionFn, tuple[str, ...] | None]] = {}
+_AUTOLOAD_MODULES = {Backend.PALLAS: "kernels.lolcats.pallas", Backend.TRITON: "kernels.lolcats.triton"}
+
+
+def register_backend(backend: Backend | str, fn: AttentionFn, *, platforms: Iterable[str] | None = None) -> None:
+    """Register `fn(q, k, v, fmap, theta_H, spec) -> y` as the implementation of `backend`.
+
+    platforms: the JAX platforms ("cpu", "gpu", "tpu") it can run on; None = any. Re-registering replaces.
+    """
+    backend = Backend(backend)
+    if backend is Backend.AUTO:
+        raise ValueError("Backend.AUTO is resolved, not registered")
+    _REGISTRY[backend] = (fn, None if platforms is None else tuple(platforms))
+
+
+def registered_backends() -> tuple[Backend, ...]:
+    return tuple(_REGISTRY)
+
+
+def _ensure_loaded(backend: Backend) -> bool:
+    if backend in _REGISTRY:
+        return True
+    if backend is Backend.REFERENCE:
+        from kernels.lolcats import reference
+
+        register_backend(Backend.REFERENCE, reference.lolcats_attention_reference)
+    elif backend is Backend.CHUNKED:
+        from kernels.lolcats import chunked
+
+        register_backend(Backend.CHUNKED, chunked.lolcats_attention_chunked)
+    elif backend in _AUTOLOAD_MODULES:
+        name = _AUTOLOAD_MODULES[backend]
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except ImportError:
+            found = False
+        if found:
+            importlib.import_module(name)  # registers itself on import
+    return backend in _REGISTRY
+
+
+def _platform() -> str:
+    return jax.default_backend()
+
+
+def resolve_backend(backend: Backend | str, spec: LolcatsSpec) -> Backend:
+    """A concrete backend for `spec` on this machine, or a ValueError/RuntimeError that says why not.
+
+    AUTO → REFERENCE for compat tk masks (the only backend that has them); otherwise on GPU → PALLAS if one is
+    registered (or importable), else CHUNKED; on CPU/TPU → CHUNKED.
+    """
+    backend = Backend(backend)
+    if backend is Backend.AUTO:
+        if spec.uses_compat_masks:
+            backend = Backend.REFERENCE
+        elif _platform() == "gpu" and _ensure_loaded(Backend.PALLAS) and _runs_here(Backend.PALLAS):
+            backend = Backend.PALLAS
+        else:
+            backend = Backend.CHUNKED
+    if spec.uses_compat_masks and backend is not Backend.REFERENCE:
+        raise ValueError(f"spec.compat=True with window='tk' (original end-aligned masks) is only implemented by "
+                         f"Backend.REFERENCE, not {backend}")
+    if not _ensure_loaded(backend):
+        raise RuntimeError(f"{backend} has no implementation registered in this process (its module "
+                           f"{_AUTOLOAD_MODULES.get(backend)!r} is absent or did not call register_backend)")
+    if not _runs_here(backend):
+        raise RuntimeError(f"{backend} cannot run on platform {_platform()!r}; it is registered for "
+                           f"{_REGISTRY[backend][1]}")
+    return backend
+
+
+def _runs_here(backend: Backend) -> bool:
+    platforms = _REGISTRY[backend][1]
+    return platforms is None or _platform() in platforms
+
+
+def check_inputs(q, k, v, fmap: FeatureMapParams, theta_H, spec: LolcatsSpec) -> None:
+    """Raise a ValueError naming the shapes if the inputs do not fit the [B, T, H, D] contract."""
+    if q.ndim != 4 or k.shape != q.shape or v.ndim != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"q, k, v must be [B, T, H, D] with k.shape == q.shape and matching B, T, H in v: "
+                         f"{q.shape=}, {k.shape=}, {v.shape=}")
+    _, _, H, D = q.shape
+    if spec.form != "softmax":
+        for name, w in (("wq", fmap.wq), ("wk", fmap.wk)):
+            if w.ndim != 3 or w.shape[:2] != (H, D):
+                raise ValueError(f"fmap.{name} must be (H, D, F) = ({H}, {D}, F): {w.shape=}")
+        if fmap.wq.shape != fmap.wk.shape:
+            raise ValueError(f"fmap.wq and fmap.wk differ: {fmap.wq.shape=} {fmap.wk.shape=}")
+    if spec.form == "hybrid" and (theta_H is None or theta_H.shape != (H,)):
+        raise ValueError(f"form='hybrid' needs theta_H of shape (H,) = ({H},), got "
+                         f"{None if theta_H is None else theta_H.shape}")
+
+
+def lolcats_attention(
+    q: Float[Array, "B T H D"],
+    k: Float[Array, "B T H D"],
+    v: Float[Array, "B T H D"],
+    fmap: FeatureMapParams,
+    theta_H: Float[Array, "H"] | None,
+    spec: LolcatsSpec,
+    backend: Backend | str = Backend.AUTO,
+) -> Float[Array, "B T H D"]:
+    """LoLCATS attention of spec.form, y (B, T, H, D) in q's dtype (math in float32, or float64 for float64 inputs).
+
+    Differentiable wrt q, k, v, fmap and theta_H. theta_H (per-head window logit, γ = sigmoid(θ)) may be None for
+    the linear and softmax forms; fmap is unused by the softmax form.
+    """
+    check_inputs(q, k, v, fmap, theta_H, spec)
+    fn, _ = _REGISTRY[resolve_backend(backend, spec)]
+    return fn(q, k, v, fmap, theta_H, spec)
