@@ -1,0 +1,175 @@
+"""LoLCATS attention as fused Pallas kernels (Triton lowering on NVIDIA GPUs; interpret mode elsewhere).
+
+Notation: B batch, T tokens, Tp = T padded to a multiple of the chunk C, H heads, D head dim, Dv value dim,
+F learned feature dim (see spec.py). Layout [B, T, H, D]; keys/values repeated to H heads, post-RoPE.
+
+Reads top-down: `PallasConfig` (tunables) → `make_layout` (static kernel layout, validated) → the `custom_vjp`
+op on padded arrays (forward kernel in pallas_hybrid_fwd.py, backward kernels in pallas_hybrid_bwd.py) → the
+public `pallas_lolcats_attention`, which pads T, folds θ / biases into one (H, 4) array of per-head scalars and
+slices the result. Forms: "hybrid" (sw | tk windows, start-aligned tk blocks) and "linear"; "softmax" (the teacher)
+is delegated to `jax.nn.dot_product_attention`. Gradients flow to q, k, v, wq, wk, bq, bk and θ.
+Reference: kernels.lolcats.reference.lolcats_attention_reference (tests/kernels/test_pallas.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from kernels.lolcats.feature_maps import window_factors
+from kernels.lolcats.pallas_hybrid_bwd import backward_call
+from kernels.lolcats.pallas_hybrid_fwd import forward_call
+from kernels.lolcats.pallas_tiles import KernelLayout
+from kernels.lolcats.api import register_backend
+from kernels.lolcats.spec import LINEAR_DENOM_EPS, Backend, FeatureMapParams, LolcatsSpec
+
+MIN_TILE = 16  # Triton tensor-core dots need every tile dim ≥ 16
+
+
+@dataclasses.dataclass(frozen=True)
+class PallasConfig:
+    """Tunables of the Pallas backend.
+
+    chunk:      C; None → spec.chunk_len() rounded up to a power of two ≥ 16.
+    block_v:    value tile of the forward kernel; None → min(Dv, 64).
+    num_warps_fwd / num_warps_bwd / num_stages: Triton compiler parameters.
+    interpret:  run the kernels in Pallas interpret mode; None → interpret unless the default backend is a GPU.
+    """
+
+    chunk: int | None = None
+    block_v: int | None = None
+    num_warps_fwd: int = 4
+    num_warps_bwd: int = 8
+    num_stages: int = 2
+    interpret: bool | None = None
+
+    def resolve_interpret(self) -> bool:
+        return jax.default_backend() != "gpu" if self.interpret is None else bool(self.interpret)
+
+
+def _pow2(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def make_layout(spec: LolcatsSpec, T: int, D: int, Dv: int, F: int, cfg: PallasConfig,
+                interpret: bool) -> KernelLayout:
+    """Validated static layout; errors name the offending values."""
+    if spec.form not in ("hybrid", "linear"):
+        raise ValueError(f"the Pallas kernels implement form 'hybrid' and 'linear', not {spec.form=}")
+    if spec.uses_compat_masks:
+        raise ValueError("spec.compat=True tk masks (end-aligned blocks) are implemented by Backend.REFERENCE only")
+    W = int(spec.window_size)
+    C = int(cfg.chunk) if cfg.chunk is not None else max(MIN_TILE, _next_pow2(spec.chunk_len()))
+    if not _pow2(C):
+        raise ValueError(f"chunk {C=} must be a power of two (Triton block shapes)")
+    if spec.form == "hybrid" and spec.window == "tk" and C % W:
+        raise ValueError(f"tk windows need the chunk {C=} to be a multiple of the window {W=} "
+                         f"(the Pallas kernels need W to be a power of two)")
+    if spec.form == "hybrid" and spec.window == "sw" and C < W:
+        raise ValueError(f"sw windows need chunk {C=} ≥ window {W=}")
+    V = int(cfg.block_v) if cfg.block_v is not None else min(Dv, 64)
+    if Dv % V:
+        raise ValueError(f"value dim {Dv=} must be a multiple of block_v={V}")
+    if not interpret:
+        for name, value in (("chunk C", C), ("head dim D", D), ("value dim Dv", Dv), ("feature dim F", F),
+                            ("block_v", V)):
+            if not (_pow2(value) and value >= MIN_TILE):
+                raise ValueError(f"{name}={value} must be a power of two ≥ {MIN_TILE} for the Triton lowering")
+    N = max(1, -(-int(T) // C))
+    return KernelLayout(
+        form=spec.form, window=spec.window, window_size=W, chunk=C, seq_len=int(T), num_chunks=N,
+        feature_map=spec.feature_map, fullspace=bool(spec.fullspace), fm_eps=float(spec.eps),
+        den_eps=LINEAR_DENOM_EPS if spec.form == "linear" else 0.0, block_v=V,
+        num_warps_fwd=cfg.num_warps_fwd, num_warps_bwd=cfg.num_warps_bwd, num_stages=cfg.num_stages)
+
+
+# --------------------------------------------------------------------------------------------- custom_vjp op
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _lolcats_padded(q, k, v, wq, wk, hs_H4, lay: KernelLayout, interpret: bool):
+    """y (B, Tp, H, Dv) for padded q, k, v (B, Tp, H, ·); hs_H4 = per-head [γ, λ, b_q, b_k] (float32)."""
+    return forward_call(q, k, v, wq, wk, hs_H4, lay, interpret)[0]
+
+
+def _lolcats_padded_fwd(q, k, v, wq, wk, hs_H4, lay, interpret):
+    y, c_BHT, den_BHT = forward_call(q, k, v, wq, wk, hs_H4, lay, interpret)
+    return y, (q, k, v, wq, wk, hs_H4, y, c_BHT, den_BHT)
+
+
+def _lolcats_padded_bwd(lay, interpret, res, dy):
+    q, k, v, wq, wk, hs_H4, y, c_BHT, den_BHT = res
+    dq, dk, dv, duq, duk, rw, rl = backward_call(q, k, v, wq, wk, hs_H4, y, c_BHT, den_BHT, dy.astype(y.dtype),
+                                                 lay, interpret)
+
+    def weight_grad(x_BTHD, du_BTHF, w_HDF):
+        return jnp.einsum("bthd,bthf->hdf", x_BTHD, du_BTHF.astype(x_BTHD.dtype),
+                          preferred_element_type=jnp.float32).astype(w_HDF.dtype)
+
+    dhs_H4 = jnp.stack([rw.sum((0, 2)), rl.sum((0, 2)), duq.sum((0, 1, 3)), duk.sum((0, 1, 3))], axis=-1)
+    return dq, dk, dv, weight_grad(q, duq, wq), weight_grad(k, duk, wk), dhs_H4.astype(hs_H4.dtype)
+
+
+_lolcats_padded.defvjp(_lolcats_padded_fwd, _lolcats_padded_bwd)
+
+
+# --------------------------------------------------------------------------------------------- public wrapper
+
+
+def pallas_lolcats_attention(
+    q: Float[Array, "B T H D"],
+    k: Float[Array, "B T H D"],
+    v: Float[Array, "B T H Dv"],
+    fmap: FeatureMapParams,
+    theta_H: Float[Array, "H"] | None,
+    spec: LolcatsSpec,
+    config: PallasConfig = PallasConfig(),
+) -> Float[Array, "B T H Dv"]:
+    """LoLCATS attention of spec.form with the fused Pallas kernels; y in q's dtype (float32 accumulation).
+
+    Dots take q's dtype as operand type (bf16 inputs → bf16 tensor-core dots, float32 accumulation and state).
+    """
+    if spec.form == "softmax":
+        return _softmax_teacher(q, k, v)
+    B, T, H, D = q.shape
+    if k.shape != q.shape or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"q, k, v must be [B, T, H, D] with matching B, T, H: {q.shape=}, {k.shape=}, {v.shape=}")
+    interpret = config.resolve_interpret()
+    lay = make_layout(spec, T, D, v.shape[-1], fmap.wq.shape[-1], config, interpret)
+    if spec.form == "hybrid":
+        if theta_H is None:
+            raise ValueError(f"form='hybrid' needs theta_H of shape (H,)=({H},)")
+        gamma_H, lam_H = window_factors(theta_H, spec, jnp.float32)
+    else:
+        gamma_H, lam_H = jnp.zeros((H,), jnp.float32), jnp.ones((H,), jnp.float32)
+    zeros_H = jnp.zeros((H,), jnp.float32)
+    bq_H = zeros_H if fmap.bq is None else fmap.bq.astype(jnp.float32)
+    bk_H = zeros_H if fmap.bk is None else fmap.bk.astype(jnp.float32)
+    hs_H4 = jnp.stack([gamma_H, lam_H, bq_H, bk_H], axis=-1)
+    pad = lay.num_chunks * lay.chunk - T
+    qp, kp, vp = (jnp.pad(x.astype(q.dtype), ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
+    y = _lolcats_padded(qp, kp, vp, fmap.wq, fmap.wk, hs_H4, lay, interpret)
+    return y[:, :T]
+
+
+def _softmax_teacher(q, k, v):
+    """The softmax form (causal, 1/√D), via XLA / cuDNN: no LoLCATS kernel is needed for it."""
+    dtype = jnp.promote_types(q.dtype, jnp.float32) if jax.default_backend() != "gpu" else q.dtype
+    y = jax.nn.dot_product_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype), is_causal=True)
+    return y.astype(q.dtype)
+
+
+def lolcats_attention_pallas(q, k, v, fmap, theta_H, spec):
+    """Backend function `fn(q, k, v, fmap, theta_H, spec) -> y` registered as Backend.PALLAS."""
+    return pallas_lolcats_attention(q, k, v, fmap, theta_H, spec)
+
+
+register_backend(Backend.PALLAS, lolcats_attention_pallas)
