@@ -1,0 +1,180 @@
+"""Pallas kernels (kernels/lolcats/pallas_hybrid*.py): interpret-mode runs against the quadratic reference
+(outputs and every gradient with a random cotangent), mask tiles against spec.key_sets, config errors, and the
+CUDA lowering check (Triton custom call, forward and backward, realistic sizes, no GPU needed).
+
+Interpret mode costs ~10 s of compile per case on 2 CPU cores, so shapes stay small (B ≤ 2, H = 2, T ≤ 128).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from lolcats_testutil import cast_tree, grad_errors, make_inputs, rel_rms
+
+from kernels.lolcats import Backend, FeatureMapParams, LolcatsSpec, lolcats_attention, lolcats_attention_reference
+from kernels.lolcats.pallas_hybrid import PallasConfig, make_layout, pallas_lolcats_attention
+from kernels.lolcats.pallas_tiles import KernelLayout, key_set_tile
+from kernels.lolcats.spec import key_sets
+from lolcats_jax import compat
+
+# (output, gradient) relative-RMS tolerances; θ's gradient sums window and linear terms that cancel row by row
+# (Σ_j P_ij dP_ij = 0), so it is measured separately with a looser bound.
+TOL = {jnp.float32: (1e-5, 1e-5, 1e-4), jnp.bfloat16: (1e-2, 1e-2, 3e-2)}
+
+CASES = [  # (spec kwargs, chunk or None, B, T, D, F)
+    (dict(window="tk", window_size=16), None, 1, 100, 16, 8),  # C = 64 = 4W: linear pairs inside the span
+    (dict(window="tk", window_size=16), 16, 2, 70, 16, 8),  # C = W, batch > 1
+    (dict(window="sw", window_size=16), 16, 1, 100, 32, 16),  # C = W
+    (dict(window="sw", window_size=8), 32, 1, 77, 16, 8),  # C = 4W
+    (dict(window="tk", window_size=32), None, 1, 20, 32, 8),  # T < W
+    (dict(window="sw", window_size=16), None, 1, 1, 16, 8),  # T = 1
+    (dict(form="linear"), 16, 1, 100, 16, 8),
+    (dict(window="sw", window_size=16, feature_map="exp_dim", affine=True), 16, 1, 50, 16, 8),
+    (dict(window="tk", window_size=16, feature_map="relu"), 16, 1, 50, 16, 8),
+    (dict(window="sw", window_size=16, feature_map="pos_elu"), 32, 1, 50, 16, 8),
+    (dict(window="tk", window_size=16, feature_map="softmax_dim", fullspace=False), 16, 1, 50, 16, 8),
+]
+
+
+def _ids(case):
+    kw, chunk, B, T, D, F = case
+    return "-".join(str(v) for v in kw.values()) + f"-C{chunk}-B{B}T{T}D{D}F{F}"
+
+
+def _output_and_grads(fn, inputs, spec, ct_dtype):
+    """(y, grads wrt (q, k, v, fmap, θ)) with a fixed random cotangent rounded through `ct_dtype`."""
+
+    @jax.jit
+    def run(inputs):
+        y, vjp = jax.vjp(lambda *a: fn(*a, spec), *inputs)
+        ct = jax.random.normal(jax.random.PRNGKey(0), y.shape, jnp.float32).astype(ct_dtype).astype(y.dtype)
+        return y, vjp(ct)
+
+    return run(inputs)
+
+
+def _check(case, dtype, seed=0):
+    """Kernel in `dtype` (interpret mode) against the reference evaluated in float64 on the same inputs."""
+    kw, chunk, B, T, D, F = case
+    spec = LolcatsSpec(**kw)
+    bias = spec.feature_map in ("relu", "pos_elu")
+    inputs = make_inputs(seed, B, T, 2, D, F, dtype, bias=bias)
+    kernel = functools.partial(pallas_lolcats_attention, config=PallasConfig(chunk=chunk, interpret=True))
+    y, grads = _output_and_grads(kernel, inputs, spec, dtype)
+    with compat.enable_x64():
+        y_ref, grads_ref = _output_and_grads(lolcats_attention_reference, cast_tree(inputs, jnp.float64), spec, dtype)
+    assert y.shape == (B, T, 2, D) and y.dtype == dtype
+    assert all(np.isfinite(np.asarray(g, np.float32)).all() for g in jax.tree.leaves(grads))
+    errs = grad_errors(grads, grads_ref)
+    tol_y, tol_g, tol_theta = TOL[dtype]
+    assert rel_rms(y, y_ref) < tol_y, rel_rms(y, y_ref)
+    theta_err = errs.pop("theta") if spec.form == "hybrid" else 0.0
+    assert max(errs.values()) < tol_g, errs
+    if theta_err >= tol_theta:  # dθ ≈ 0 (e.g. T ≤ W: γ cancels): allow the rounding noise of the reference itself
+        _, grads_same_dtype = _output_and_grads(lolcats_attention_reference, inputs, spec, dtype)
+        noise = grad_errors(grads_same_dtype, grads_ref)["theta"]
+        assert theta_err < 10 * noise, (theta_err, noise)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_pallas_interpret_matches_reference_float32(case):
+    _check(case, jnp.float32)
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[6]], ids=_ids)
+def test_pallas_interpret_matches_reference_bfloat16(case):
+    _check(case, jnp.bfloat16)
+
+
+def test_pallas_backend_registered_and_runs_interpreted_on_cpu():
+    """Backend.PALLAS resolves to these kernels (interpret mode off-GPU) and agrees with the reference."""
+    spec = LolcatsSpec(window="tk", window_size=16)
+    q, k, v, fmap, theta = make_inputs(3, 1, 40, 2, 16, 8)
+    y = lolcats_attention(q, k, v, fmap, theta, spec, backend=Backend.PALLAS)
+    assert rel_rms(y, lolcats_attention_reference(q, k, v, fmap, theta, spec)) < 1e-5
+
+
+def test_softmax_form_is_delegated():
+    spec = LolcatsSpec(form="softmax")
+    q, k, v, fmap, theta = make_inputs(4, 1, 33, 2, 16, 8)
+    y = pallas_lolcats_attention(q, k, v, fmap, theta, spec)
+    assert rel_rms(y, lolcats_attention_reference(q, k, v, fmap, theta, spec)) < 1e-5
+
+
+# --------------------------------------------------------------------------------------------- masks
+
+
+@settings(max_examples=30, deadline=None)
+@given(window=st.sampled_from(["sw", "tk", "linear"]), log_w=st.integers(0, 4), ratio=st.integers(1, 4),
+       n=st.integers(0, 5))
+def test_mask_tiles_match_key_sets(window, log_w, ratio, n):
+    """Tiles of (query chunk n, key chunk n or n−1) equal spec.key_sets; statically skipped linear tiles are
+    empty; and every key of chunks ≤ n − lag is linear (what the state assumes)."""
+    W = 2**log_w
+    C = W * (2 ** (ratio - 1)) if window == "tk" else W + ratio * 3
+    form = "linear" if window == "linear" else "hybrid"
+    spec = LolcatsSpec(form=form, window="sw" if window == "linear" else window, window_size=W)
+    lay = KernelLayout(form=form, window=spec.window, window_size=W, chunk=C, seq_len=10**6, num_chunks=10**4,
+                       feature_map="softmax_dim", fullspace=True, fm_eps=0.0, den_eps=0.0, block_v=C)
+    i = n * C + np.arange(C)[:, None]
+    for blk, j0 in zip(lay.blocks, (n * C, (n - 1) * C)):
+        j = j0 + np.arange(C)[None, :]
+        want_win, want_lin = key_sets(i, j, 10**6, spec)
+        want_win, want_lin = want_win & (j >= 0), want_lin & (j >= 0)
+        win, lin = jax.jit(key_set_tile, static_argnums=(2, 3))(n * C, j0, lay, blk)
+        np.testing.assert_array_equal(np.zeros_like(want_win) if win is None else np.asarray(win), want_win)
+        np.testing.assert_array_equal(np.zeros_like(want_lin) if lin is None else np.asarray(lin), want_lin)
+    old = np.arange(max(0, (n - lay.lag + 1) * C))[None, :]
+    if old.size:
+        win_old, lin_old = key_sets(i, old, 10**6, spec)
+        assert not win_old.any() and lin_old.all()
+
+
+# --------------------------------------------------------------------------------------------- configuration
+
+
+def test_layout_errors_name_values():
+    with pytest.raises(ValueError, match="W=48"):
+        make_layout(LolcatsSpec(window="tk", window_size=48), 100, 128, 128, 64, PallasConfig(), interpret=False)
+    with pytest.raises(ValueError, match="C=24"):
+        make_layout(LolcatsSpec(window="sw", window_size=8), 100, 128, 128, 64, PallasConfig(chunk=24), False)
+    with pytest.raises(ValueError, match="head dim D=96"):
+        make_layout(LolcatsSpec(), 100, 96, 128, 64, PallasConfig(), interpret=False)
+    with pytest.raises(ValueError, match="compat"):
+        make_layout(LolcatsSpec(compat=True), 100, 128, 128, 64, PallasConfig(), interpret=False)
+    lay = make_layout(LolcatsSpec(window="sw", window_size=48), 100, 128, 128, 64, PallasConfig(), False)
+    assert (lay.chunk, lay.num_chunks, lay.block_v) == (64, 2, 64)
+
+
+# --------------------------------------------------------------------------------------------- CUDA lowering
+
+TRITON_CALL = "__gpu$xla.gpu.triton"
+
+
+@pytest.mark.parametrize("kw", [dict(window="tk"), dict(window="sw"), dict(form="linear")], ids=str)
+def test_kernels_lower_for_cuda_at_llama_sizes(kw):
+    """Forward and backward lower to Triton custom calls for B=1, H=32, T=8192, D=128, F=64, W=64 (no GPU)."""
+    B, T, H, D, F = 1, 8192, 32, 128, 64
+    spec = LolcatsSpec(window_size=64, **kw)
+    x = jax.ShapeDtypeStruct((B, T, H, D), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((H, D, F), jnp.float32)
+    fmap = FeatureMapParams(w, w, None, None)
+    theta = jax.ShapeDtypeStruct((H,), jnp.float32)
+    cfg = PallasConfig(interpret=False)
+
+    def forward(q, k, v, fmap, theta):
+        return pallas_lolcats_attention(q, k, v, fmap, theta, spec, cfg)
+
+    def loss(q, k, v, fmap, theta):
+        return jnp.sum(forward(q, k, v, fmap, theta).astype(jnp.float32) ** 2)
+
+    fwd_text = compat.lower_for_cuda(forward, x, x, x, fmap, theta)
+    assert fwd_text.count(TRITON_CALL) == 1
+    bwd_text = compat.lower_for_cuda(jax.grad(loss, argnums=(0, 1, 2, 3, 4)), x, x, x, fmap, theta)
+    assert bwd_text.count(TRITON_CALL) == 3  # forward (residuals) + dq kernel + dk/dv kernel
