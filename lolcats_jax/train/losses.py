@@ -1,0 +1,55 @@
+"""Training objectives.
+
+Notation: B batch, T tokens, V vocabulary.
+
+* attention transfer (reference §4.3): mse_factor × mean over linearized layers of MSE(student, teacher) on the
+  per-head attention outputs before o_proj, + xent_factor × mean over layers of the attention-map cross-entropy.
+  Every layer is teacher-forced (it receives and returns the softmax model's hidden stream), so the loss of layer ℓ
+  depends only on layer ℓ's feature maps and window factors.
+* next-token cross-entropy on unmasked labels (labels == -100 are ignored), mean over counted tokens.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from lolcats_jax.model.llama import Llama
+
+IGNORE = -100
+
+
+def distill_loss(model: Llama, batch: dict, *, mse_factor: float, xent_factor: float) -> tuple[jax.Array, dict]:
+    tokens_BT = batch["input_ids"]
+    B, T = tokens_BT.shape
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    _, per_layer = model.run_layers(model.embed_tokens(tokens_BT), positions, mode="distill", xent=xent_factor > 0)
+    mse_L = jnp.stack([a["mse"] for a in per_layer if "mse" in a])
+    mse = jnp.mean(mse_L)
+    loss = mse_factor * mse
+    metrics = {"mse": mse_factor * mse, "layer_mse": mse_L}
+    if xent_factor > 0:
+        xent = jnp.mean(jnp.stack([a["xent"] for a in per_layer if "xent" in a]))
+        loss = loss + xent_factor * xent
+        metrics["xent"] = xent_factor * xent
+    metrics["loss"] = loss
+    return loss, metrics
+
+
+def token_nll(logits_BTV: jax.Array, tokens_BT: jax.Array, labels_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-position negative log-likelihood of the next label and its validity mask, both (B, T-1)."""
+    del tokens_BT
+    logits = logits_BTV[:, :-1].astype(jnp.float32)
+    targets = labels_BT[:, 1:]
+    valid = targets != IGNORE
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
+    return (logz - picked) * valid, valid
+
+
+def lm_loss(model: Llama, batch: dict) -> tuple[jax.Array, dict]:
+    logits = model(batch["input_ids"])
+    nll, valid = token_nll(logits, batch["input_ids"], batch["labels"])
+    n = jnp.sum(valid)
+    loss = jnp.sum(nll) / jnp.maximum(n, 1)
+    return loss, {"loss": loss, "tokens": n.astype(jnp.float32)}
