@@ -5,6 +5,7 @@ notation and the exact math.
 """
 
 from kernels.lolcats.api import check_inputs, lolcats_attention, register_backend, registered_backends, resolve_backend
+from kernels.lolcats.chunked import lolcats_attention_chunked
 from kernels.lolcats.feature_maps import (
     DEFAULT_WINDOW_LOGIT,
     compute_dtype,
@@ -28,6 +29,6 @@ __all__ = [
     "Backend", "LolcatsSpec", "FeatureMapParams", "LINEAR_DENOM_EPS", "DEFAULT_WINDOW_LOGIT",
     "key_sets", "key_set_masks", "compute_dtype", "feature_map", "query_key_features", "window_factors",
     "init_feature_maps", "init_window_logit",
-    "lolcats_attention", "lolcats_attention_reference", "attention_weights_reference",
+    "lolcats_attention", "lolcats_attention_reference", "lolcats_attention_chunked", "attention_weights_reference",
     "register_backend", "registered_backends", "resolve_backend", "check_inputs",
 ]

@@ -169,3 +169,37 @@ def naive_teacher_weights(q, k) -> np.ndarray:
                 s = np.array([q[b, i, h] @ k[b, j, h] / math.sqrt(D) for j in range(i + 1)])
                 out[b, h, i, : i + 1] = np.exp(s - s.max()) / np.exp(s - s.max()).sum()
     return out
+
+
+# --------------------------------------------------------------------------------------------- outputs + gradients
+
+
+def output_and_grads(fn, inputs, spec, cotangent_seed=0):
+    """(y, grads wrt (q, k, v, fmap, θ)) of fn(q, k, v, fmap, θ, spec) with a random output cotangent, jitted."""
+    q, _, v = inputs[:3]
+    ct = np.random.default_rng(cotangent_seed).standard_normal(q.shape[:3] + v.shape[-1:])
+    ct = jnp.asarray(ct.astype(np.float32), q.dtype)
+
+    @jax.jit
+    def run(inputs, ct):
+        y, vjp = jax.vjp(lambda *a: fn(*a, spec), *inputs)
+        return y, vjp(ct)
+
+    return run(inputs, ct)
+
+
+def grad_errors(got, want) -> dict[str, float]:
+    """Relative-RMS error per gradient leaf; a leaf whose true gradient is ~0 (e.g. the per-head bias of shift-
+    invariant softmax features, or θ when no query has a linear key) is measured against 0.1 × the largest leaf's RMS instead of its own."""
+    names = ["q", "k", "v", "wq", "wk", "bq", "bk", "theta"]
+    flat_got = [got[0], got[1], got[2], got[3].wq, got[3].wk, got[3].bq, got[3].bk, got[4]]
+    flat_want = [want[0], want[1], want[2], want[3].wq, want[3].wk, want[3].bq, want[3].bk, want[4]]
+    rms = lambda x: math.sqrt(float(np.mean(np.asarray(x, np.float64) ** 2)))  # noqa: E731
+    scale = max(rms(w) for w in flat_want if w is not None)
+    out = {}
+    for name, g, w in zip(names, flat_got, flat_want):
+        if w is None:
+            continue
+        diff = rms(np.asarray(g, np.float64) - np.asarray(w, np.float64))
+        out[name] = diff / max(rms(w), 0.1 * scale, 1e-300)
+    return out
