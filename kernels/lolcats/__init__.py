@@ -15,6 +15,14 @@ from kernels.lolcats.feature_maps import (
     query_key_features,
     window_factors,
 )
+from kernels.lolcats.recurrent import (
+    DecodeState,
+    decode_step,
+    decode_tokens,
+    init_decode_state,
+    prefill_state,
+    ring_len,
+)
 from kernels.lolcats.reference import attention_weights_reference, lolcats_attention_reference
 from kernels.lolcats.spec import (
     LINEAR_DENOM_EPS,
@@ -30,5 +38,6 @@ __all__ = [
     "key_sets", "key_set_masks", "compute_dtype", "feature_map", "query_key_features", "window_factors",
     "init_feature_maps", "init_window_logit",
     "lolcats_attention", "lolcats_attention_reference", "lolcats_attention_chunked", "attention_weights_reference",
+    "DecodeState", "prefill_state", "decode_step", "decode_tokens", "init_decode_state", "ring_len",
     "register_backend", "registered_backends", "resolve_backend", "check_inputs",
 ]

@@ -1,0 +1,186 @@
+"""Recurrent decoding: prefill a state from a prompt, then one token at a time, equal to the parallel form.
+
+Notation: B batch, T tokens, H heads, D head dim, Dv value dim, F' feature dim, W window, R ring length (see
+spec.py). Per-token tensors are [B, H, D]; keys/values already repeated to H heads and post-RoPE.
+
+State (O(1) in T, per-row positions so rows of a batch may be at different positions):
+  s_BHFD, z_BHF   linear state Σ f_k v_jᵀ, Σ f_k over the keys that left the ring (compute dtype, ≥ float32)
+  k_BRHD, v_BRHD  ring of the R most recent raw keys/values (input dtype); slot r holds position p ≡ r (mod R)
+  fk_BRHF         their features f_k (compute dtype): f_k is computed once per key, when it enters the ring
+  pos_B           tokens consumed per row (the position of the next token), int32
+
+Ring length and exact equivalence with the parallel form at every position t:
+  sw:  R = W. Before writing token t the key t−W (slot t mod W) is folded into (S, z); the ring then holds
+       t−W+1..t = 𝒲_t and the state holds 𝓛_t = {j ≤ t−W}.
+  tk:  R = 2W (previous + current block). Before writing token t the key t−2W (block blk(t)−2) is folded into
+       (S, z); the ring holds t−2W+1..t, and each ring key is classified per step by the same key-set rule as the
+       parallel form (blocks ≥ blk(t)−1 → window; the rest of block blk(t)−2 → linear, through its stored f_k).
+       So a whole block has entered (S, z) by the time every key of it must be linear, one key per step.
+  tk with spec.compat: the original decoder (reference §3.8), i.e. the sw rule with R = W.
+  linear form: no ring; (S, z) include the current token, y = f_q S / (f_q·z + LINEAR_DENOM_EPS).
+  softmax form: not supported (needs a growing KV cache).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jaxtyping import Array, Float, Int
+
+from kernels.lolcats.feature_maps import compute_dtype, feature_map, window_factors
+from kernels.lolcats.spec import LINEAR_DENOM_EPS, FeatureMapParams, LolcatsSpec, key_sets
+
+
+class DecodeState(NamedTuple):
+    s_BHFD: Array  # (B, H, F', Dv) compute dtype
+    z_BHF: Array  # (B, H, F')
+    k_BRHD: Array  # (B, R, H, D) input dtype
+    v_BRHD: Array  # (B, R, H, Dv)
+    fk_BRHF: Array  # (B, R, H, F') compute dtype
+    pos_B: Array  # (B,) int32
+
+
+def _decode_spec(spec: LolcatsSpec) -> LolcatsSpec:
+    """The key-set rule used in decoding (compat tk decodes with the original's sliding window)."""
+    if spec.form == "softmax":
+        raise NotImplementedError("recurrent decoding of form='softmax' needs a growing KV cache; "
+                                  "LoLCATS decoding supports form='hybrid' and form='linear'")
+    if spec.uses_compat_masks:
+        return dataclasses.replace(spec, window="sw", compat=False)
+    return spec
+
+
+def ring_len(spec: LolcatsSpec) -> int:
+    """R: W for sw (and compat tk), 2W for tk, 0 for the linear form."""
+    spec = _decode_spec(spec)
+    if spec.form == "linear":
+        return 0
+    return spec.window_size * (2 if spec.window == "tk" else 1)
+
+
+def init_decode_state(batch: int, num_heads: int, head_dim: int, feature_out_dim: int, spec: LolcatsSpec,
+                      dtype=jnp.float32, value_dim: int | None = None) -> DecodeState:
+    """The empty state (no token consumed). feature_out_dim is F' (`spec.feature_out_dim(F)`)."""
+    R, Dv, cdt = ring_len(spec), value_dim or head_dim, compute_dtype(dtype)
+    return DecodeState(
+        jnp.zeros((batch, num_heads, feature_out_dim, Dv), cdt), jnp.zeros((batch, num_heads, feature_out_dim), cdt),
+        jnp.zeros((batch, R, num_heads, head_dim), dtype), jnp.zeros((batch, R, num_heads, Dv), dtype),
+        jnp.zeros((batch, R, num_heads, feature_out_dim), cdt), jnp.zeros((batch,), jnp.int32))
+
+
+def _slot_positions(pos_B, R: int) -> Array:
+    """(B, R) position held by each slot when the ring's newest key is pos_B − 1 (negative = empty slot)."""
+    last_B1 = pos_B[:, None] - 1
+    return last_B1 - jnp.mod(last_B1 - jnp.arange(R)[None, :], R)
+
+
+def prefill_state(
+    k: Float[Array, "B T H D"],
+    v: Float[Array, "B T H Dv"],
+    fmap: FeatureMapParams,
+    spec: LolcatsSpec,
+    lengths: Int[Array, "B"] | None = None,
+) -> DecodeState:
+    """State after consuming tokens [0, lengths_b) of each (right-padded) row; tokens at ≥ lengths_b are ignored.
+
+    lengths default to T and must lie in [0, T] (values outside are clipped).
+    """
+    B, T, H, _ = k.shape
+    R = ring_len(spec)
+    len_B = jnp.full((B,), T, jnp.int32) if lengths is None else jnp.clip(jnp.asarray(lengths, jnp.int32), 0, T)
+    fk_BTHF = feature_map(k, fmap.wk, fmap.bk, spec)
+    cdt = fk_BTHF.dtype
+    pos_T = jnp.arange(T)
+    in_state_BT = (pos_T[None, :] < (len_B - R)[:, None]).astype(cdt)  # keys that already left the ring
+    s_BHFD = jnp.einsum("bt,bthf,bthd->bhfd", in_state_BT, fk_BTHF, v.astype(cdt))
+    z_BHF = jnp.einsum("bt,bthf->bhf", in_state_BT, fk_BTHF)
+    if T == 0 or R == 0:
+        empty = init_decode_state(B, H, k.shape[-1], fk_BTHF.shape[-1], spec, k.dtype, v.shape[-1])
+        return empty._replace(s_BHFD=s_BHFD, z_BHF=z_BHF, pos_B=len_B)
+    slot_pos_BR = _slot_positions(len_B, R)
+    idx_BR = jnp.clip(slot_pos_BR, 0, T - 1)
+    valid_BR11 = (slot_pos_BR >= 0)[:, :, None, None]
+
+    def gather(x_BTHX):
+        return jnp.where(valid_BR11, jnp.take_along_axis(x_BTHX, idx_BR[:, :, None, None], axis=1), 0)
+
+    return DecodeState(s_BHFD, z_BHF, gather(k), gather(v), gather(fk_BTHF), len_B)
+
+
+def decode_step(
+    state: DecodeState,
+    q_t: Float[Array, "B H D"],
+    k_t: Float[Array, "B H D"],
+    v_t: Float[Array, "B H Dv"],
+    fmap: FeatureMapParams,
+    theta_H: Float[Array, "H"] | None,
+    spec: LolcatsSpec,
+) -> tuple[Float[Array, "B H Dv"], DecodeState]:
+    """Consume one token per row (at that row's position state.pos_B) and return its output y_t (q_t's dtype)."""
+    dspec = _decode_spec(spec)
+    B, H, D = q_t.shape
+    fq_BHF = feature_map(q_t[:, None], fmap.wq, fmap.bq, spec)[:, 0]
+    fk_BHF = feature_map(k_t[:, None], fmap.wk, fmap.bk, spec)[:, 0]
+    cdt = fq_BHF.dtype
+    v_BHD = v_t.astype(cdt)
+    if dspec.form == "linear":
+        s_BHFD = state.s_BHFD + jnp.einsum("bhf,bhd->bhfd", fk_BHF, v_BHD)
+        z_BHF = state.z_BHF + fk_BHF
+        num = jnp.einsum("bhf,bhfd->bhd", fq_BHF, s_BHFD)
+        den = jnp.einsum("bhf,bhf->bh", fq_BHF, z_BHF) + LINEAR_DENOM_EPS
+        new = state._replace(s_BHFD=s_BHFD, z_BHF=z_BHF, pos_B=state.pos_B + 1)
+        return (num / den[..., None]).astype(q_t.dtype), new
+    if theta_H is None:
+        raise ValueError(f"form='hybrid' needs theta_H of shape (H,) = ({H},), got None")
+    R = state.k_BRHD.shape[1]
+    if R != ring_len(spec):
+        raise ValueError(f"state ring length {R} does not match {ring_len(spec)=} for this spec")
+    t_B = state.pos_B
+    slot_BR = jnp.arange(R)[None, :] == jnp.mod(t_B, R)[:, None]
+    # 1. fold the key leaving the ring (position t − R) into the linear state
+    evict_BR = (slot_BR & (t_B >= R)[:, None]).astype(cdt)
+    s_BHFD = state.s_BHFD + jnp.einsum("br,brhf,brhd->bhfd", evict_BR, state.fk_BRHF, state.v_BRHD.astype(cdt))
+    z_BHF = state.z_BHF + jnp.einsum("br,brhf->bhf", evict_BR, state.fk_BRHF)
+    # 2. write token t into its slot
+    put = lambda buf, x: jnp.where(slot_BR[:, :, None, None], x[:, None].astype(buf.dtype), buf)  # noqa: E731
+    k_BRHD, v_BRHD, fk_BRHF = put(state.k_BRHD, k_t), put(state.v_BRHD, v_t), put(state.fk_BRHF, fk_BHF)
+    # 3. attend: ring keys by the parallel form's key-set rule, older keys through (S, z)
+    slot_pos_BR = _slot_positions(t_B + 1, R)
+    win_BR, lin_BR = key_sets(t_B[:, None], slot_pos_BR, 0, dspec, xp=jnp)
+    valid_BR = slot_pos_BR >= 0
+    win_B1R, lin_B1R = (win_BR & valid_BR)[:, None], (lin_BR & valid_BR)[:, None]
+    gamma_H, lam_H = window_factors(theta_H, spec, cdt)
+    g, l = gamma_H[None, :, None], lam_H[None, :, None]
+    s_BHR = jnp.einsum("bhd,brhd->bhr", q_t.astype(cdt), k_BRHD.astype(cdt)) / np.sqrt(D)
+    s_BHR = jnp.where(win_B1R, s_BHR, -jnp.inf)
+    c_BH1 = jnp.max(s_BHR, axis=-1, keepdims=True)  # the current token is always a window key
+    p_BHR = g * jnp.where(win_B1R, jnp.exp(s_BHR - c_BH1), 0.0) \
+        + l * jnp.where(lin_B1R, jnp.einsum("bhf,brhf->bhr", fq_BHF, fk_BRHF), 0.0)
+    num = jnp.einsum("bhr,brhd->bhd", p_BHR, v_BRHD.astype(cdt)) + l * jnp.einsum("bhf,bhfd->bhd", fq_BHF, s_BHFD)
+    den = jnp.sum(p_BHR, axis=-1) + l[..., 0] * jnp.einsum("bhf,bhf->bh", fq_BHF, z_BHF)
+    new = DecodeState(s_BHFD, z_BHF, k_BRHD, v_BRHD, fk_BRHF, t_B + 1)
+    return (num / den[..., None]).astype(q_t.dtype), new
+
+
+def decode_tokens(
+    state: DecodeState,
+    q: Float[Array, "B N H D"],
+    k: Float[Array, "B N H D"],
+    v: Float[Array, "B N H Dv"],
+    fmap: FeatureMapParams,
+    theta_H: Float[Array, "H"] | None,
+    spec: LolcatsSpec,
+) -> tuple[Float[Array, "B N H Dv"], DecodeState]:
+    """`decode_step` over N tokens per row (a `lax.scan`): row b consumes its tokens at positions pos_b, pos_b+1, …"""
+
+    def step(st, xs):
+        y, st = decode_step(st, *xs, fmap, theta_H, spec)
+        return st, y
+
+    xs = tuple(jnp.moveaxis(x, 1, 0) for x in (q, k, v))
+    state, y_NBHD = lax.scan(step, state, xs)
+    return jnp.moveaxis(y_NBHD, 0, 1), state
