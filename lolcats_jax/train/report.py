@@ -1,0 +1,177 @@
+"""The `evaluate` stage: the softmax teacher, the model right after attention transfer and the finetuned model,
+side by side — held-out perplexity, benchmark accuracies (subsets on CPU, sizes stated), training figures —
+written to `<run.dir>/report.md`, `<run.dir>/evaluate/results.json` and a bar chart PNG."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import jax
+
+from lolcats_jax.errors import UserError
+from lolcats_jax.train.stages import RunContext, attention_source_stage, load_base, load_stage_params, stage_done
+
+
+def _models(ctx: RunContext):
+    """(label, loader) for every model this run can provide, in report order."""
+    cfg = ctx.cfg
+    out = [("softmax teacher", lambda: load_base(ctx, linearize=False))]
+    if cfg.attention.kind == "lolcats" and (ctx.stage_dir(attention_source_stage(ctx)) / "final").exists():
+        def distilled():
+            m = load_base(ctx, linearize=True)
+            load_stage_params(ctx, m, attention_source_stage(ctx))
+            return m
+
+        out.append((f"after attention transfer ({attention_source_stage(ctx)})", distilled))
+    if (ctx.stage_dir("finetune") / "final").exists():
+        def finetuned():
+            m = load_base(ctx, linearize=cfg.attention.kind == "lolcats", lora=cfg.finetune.lora)
+            if cfg.attention.kind == "lolcats":
+                load_stage_params(ctx, m, attention_source_stage(ctx))
+            load_stage_params(ctx, m, "finetune")
+            return m
+
+        out.append(("after LoRA finetuning", finetuned))
+    return out
+
+
+def _heldout_ids(ctx: RunContext) -> list[int]:
+    ids: list[int] = []
+    for f in ctx.cfg.evaluate.perplexity:
+        p = Path(f)
+        if not p.is_file():
+            raise UserError(f"evaluate.perplexity: {p} not found")
+        ids += ctx.tokenizer(p.read_text(encoding="utf-8"))["input_ids"]
+    return ids[: ctx.cfg.evaluate.max_perplexity_tokens]
+
+
+def run_evaluate(ctx: RunContext) -> dict:
+    from lolcats_jax.eval.runner import evaluate_tasks
+    from lolcats_jax.eval.scoring import Scorer
+    from lolcats_jax.eval.tasks import load_task
+
+    ev = ctx.cfg.evaluate
+    chunk = ctx.cfg.distill.data.chunk_size
+    heldout = _heldout_ids(ctx) if ev.perplexity else []
+    tasks = [load_task(name, limit=ev.limit) for name in ev.tasks]
+    results: dict[str, dict] = {}
+    for label, load in _models(ctx):
+        print(f"[evaluate] {label}", file=sys.stderr, flush=True)
+        model = load()
+        scorer = Scorer(model)
+        entry: dict = {}
+        if heldout:
+            ppl = scorer.perplexity(heldout, chunk, None, ev.batch_size)
+            entry["perplexity"] = {"ppl": ppl.ppl, "nll": ppl.nll_per_token, "tokens": ppl.n_tokens}
+        if tasks:
+            entry["tasks"] = evaluate_tasks(scorer, ctx.tokenizer, tasks, ev.batch_size)
+        results[label] = entry
+        del model, scorer
+        jax.clear_caches()
+    summary = {"models": results, "training": {s: stage_done(ctx, s) for s in ("distill", "stitch", "finetune") if stage_done(ctx, s)}}
+    if ctx.is_main:
+        out = ctx.stage_dir("evaluate")
+        out.mkdir(parents=True, exist_ok=True)
+        _atomic_write(out / "results.json", json.dumps(summary, indent=2, default=float))
+        report = render_report(ctx, summary)
+        _atomic_write(ctx.run_dir / "report.md", report)
+        _bar_chart(ctx.run_dir / "plots" / "eval_tasks.png", results)
+        print("\n" + report, flush=True)
+    return {"report": str(ctx.run_dir / "report.md"), **{k: _short(v) for k, v in results.items()}}
+
+
+def _short(entry: dict) -> dict:
+    out = {}
+    if "perplexity" in entry:
+        out["ppl"] = entry["perplexity"]["ppl"]
+    for name, r in entry.get("tasks", {}).items():
+        out[name] = r.get("acc")
+    return out
+
+
+def render_report(ctx: RunContext, summary: dict) -> str:
+    models = summary["models"]
+    labels = list(models)
+    lines = [f"# LoLCATS run report — {ctx.cfg.model.path}", ""]
+    lines += [f"Attention: {ctx.cfg.attention.kind} ({ctx.cfg.attention.window}, W={ctx.cfg.attention.window_size}, "
+              f"{ctx.cfg.attention.feature_map}, F={ctx.cfg.attention.feature_dim}).", ""]
+    if any("perplexity" in m for m in models.values()):
+        lines += ["## Held-out perplexity", "", "| model | perplexity | NLL/token | tokens |", "|---|---|---|---|"]
+        for lab in labels:
+            p = models[lab].get("perplexity")
+            if p:
+                lines.append(f"| {lab} | {p['ppl']:.3f} | {p['nll']:.4f} | {p['tokens']} |")
+        lines.append("")
+    task_names = sorted({t for m in models.values() for t in m.get("tasks", {})})
+    if task_names:
+        lines += ["## Benchmarks (acc / acc_norm, n = documents scored)", ""]
+        lines.append("| task | n | " + " | ".join(labels) + " |")
+        lines.append("|---|---|" + "---|" * len(labels))
+        for t in task_names:
+            cells = []
+            n = None
+            for lab in labels:
+                r = models[lab].get("tasks", {}).get(t)
+                if r is None:
+                    cells.append("–")
+                    continue
+                n = r.get("n")
+                norm = r.get("acc_norm")
+                cells.append(f"{r['acc']:.3f}" + (f" / {norm:.3f}" if norm is not None else ""))
+            lines.append(f"| {t} | {n} | " + " | ".join(cells) + " |")
+        lines.append("")
+    tr = summary.get("training", {})
+    if tr:
+        lines += ["## Training", "", "| stage | steps | trainable params | eval loss start → best | tokens/s | seconds |", "|---|---|---|---|---|---|"]
+        for s, d in tr.items():
+            init, best = d.get("initial_eval_loss"), d.get("best_eval_loss")
+            ratio = f" ({init / best:.1f}× lower)" if init and best else ""
+            lines.append(
+                f"| {s} | {d.get('steps')} | {d.get('trainable_params', 0):,} | {_f(init)} → {_f(best)}{ratio} | "
+                f"{_f(d.get('tokens_per_s'))} | {d.get('seconds', '–')} |"
+            )
+        lines.append("")
+    lines.append("Plots: `plots/*_loss.png`, `plots/eval_tasks.png`; metrics: `metrics.jsonl`, `tensorboard/`.")
+    return "\n".join(lines) + "\n"
+
+
+def _f(x) -> str:
+    return "–" if x is None else f"{x:.4g}"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _bar_chart(path: Path, models: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    tasks = sorted({t for m in models.values() for t in m.get("tasks", {})})
+    if not tasks:
+        return
+    labels = list(models)
+    x = np.arange(len(tasks))
+    width = 0.8 / len(labels)
+    fig, ax = plt.subplots(figsize=(1.4 * len(tasks) + 2, 3.5))
+    for i, lab in enumerate(labels):
+        vals = [models[lab].get("tasks", {}).get(t, {}).get("acc", np.nan) for t in tasks]
+        ax.bar(x + i * width, vals, width, label=lab)
+    ax.set_xticks(x + width * (len(labels) - 1) / 2, tasks, rotation=20)
+    ax.set_ylabel("accuracy")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
