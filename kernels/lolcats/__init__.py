@@ -24,6 +24,7 @@ from kernels.lolcats.recurrent import (
     ring_len,
 )
 from kernels.lolcats.reference import attention_weights_reference, lolcats_attention_reference
+from kernels.lolcats.xent import attention_xent, attention_xent_reference
 from kernels.lolcats.spec import (
     LINEAR_DENOM_EPS,
     Backend,
@@ -39,5 +40,6 @@ __all__ = [
     "init_feature_maps", "init_window_logit",
     "lolcats_attention", "lolcats_attention_reference", "lolcats_attention_chunked", "attention_weights_reference",
     "DecodeState", "prefill_state", "decode_step", "decode_tokens", "init_decode_state", "ring_len",
+    "attention_xent", "attention_xent_reference",
     "register_backend", "registered_backends", "resolve_backend", "check_inputs",
 ]
