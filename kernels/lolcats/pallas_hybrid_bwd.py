@@ -94,7 +94,9 @@ def _dq_kernel(q_ref, k_ref, v_ref, dy_ref, y_ref, wq_ref, wk_ref, hs_ref, den_r
                 at_max_CC = jnp.where(win & (s_CC == c_C[:, None]), dmax_C[:, None], 0.0)
                 dq_CD += mm(gamma * E[blk] * dP_CC + at_max_CC, k_CD, dt) * scale
                 out = dkmax_refs[0] if blk == "cur" else dkmax_refs[1]
-                dst = n if blk == "cur" else jnp.where(n == 0, N - 1, n - 1)  # chunk −1: its (zero) tile → chunk N−1
+                # chunk −1 → its (all-zero) tile goes to chunk N−1 (integer arithmetic: the Triton lowering mistypes
+                # a scalar jnp.where with a Python constant)
+                dst = n if blk == "cur" else n - 1 + N * (n == 0).astype(jnp.int32)
                 out[pl.ds(dst * C, C), :] = (mm_tn(at_max_CC, q_CD, dt) * scale).astype(out.dtype)
         for blk, (_, _, fk, _, lin, _, dP_CC) in tiles.items():
             if lin is None:
