@@ -28,6 +28,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     path: str = "artifacts/smollm2-135m"  # Hugging Face Llama directory (config.json + safetensors)
     checkpoint: str | None = None  # optional Orbax checkpoint of the converted base weights (faster than HF)
+    architecture: str | None = None  # a config.json describing the model, for planning without the weights
     param_dtype: str = "bfloat16"
     compute_dtype: str = "float32"
     remat: bool = True
@@ -58,6 +59,8 @@ class MeshConfig:
     data: int = 1
     fsdp: int = -1  # -1: the remaining devices
     tensor: int = 1
+    devices: int | None = None  # the device count the config is written for (used by `python -m lolcats_jax.plan`)
+    device_memory_gb: float = 80.0  # per-device memory the plan checks against
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,168 @@
+"""Per-device memory plan of a config's training stages, without any weights or devices.
+
+    python -m lolcats_jax.plan --config configs/llama3_1_70b.yaml [--devices N] [--memory-gb 80]
+
+The model and optimizer state are built abstractly (`nnx.eval_shape`, `jax.eval_shape`); every parameter's
+per-device shard follows the logical-axis rules on an abstract mesh of the configured size. Activations are an
+analytic estimate of the stage's train step with per-layer rematerialisation (the layer inputs kept for the
+backward pass, plus the peak of one recomputed layer, plus the logits for next-token losses).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from lolcats_jax.cli import run_main
+from lolcats_jax.config import Config, load_config
+from lolcats_jax.errors import UserError
+from lolcats_jax.model.build import abstract_model, model_options
+from lolcats_jax.model.llama import FeatureMapParam, LoraParam, WindowParam
+from lolcats_jax.model.llama_config import LlamaConfig
+from lolcats_jax.model.options import to_dtype
+from lolcats_jax.sharding import MESH_AXES, MeshShape, logical_to_spec
+
+GB = 1024**3
+
+
+def _abstract_mesh(shape: tuple[int, ...]):
+    return jax.sharding.AbstractMesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
+def shard_bytes(shape, dtype, axes, mesh) -> int:
+    spec = logical_to_spec(axes, mesh, shape)
+    n = 1
+    for dim, ax in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        div = 1
+        for a in (ax if isinstance(ax, tuple) else (ax,)) if ax is not None else ():
+            div *= mesh.shape[a]
+        n *= math.ceil(dim / div)
+    return n * np.dtype(dtype).itemsize
+
+
+def llama_config_for(cfg: Config) -> LlamaConfig:
+    path = Path(cfg.model.path) / "config.json"
+    if path.is_file():
+        return LlamaConfig.from_hf_dir(cfg.model.path)
+    if cfg.model.architecture:
+        return _from_json(cfg.model.architecture)
+    raise UserError(f"model.path={cfg.model.path} has no config.json and model.architecture is not set")
+
+
+def _from_json(path: str) -> LlamaConfig:
+    import json
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"model.architecture: {p} not found")
+    return LlamaConfig.from_hf_dict(json.loads(p.read_text()), source=str(p))
+
+
+def stage_plan(cfg: Config, lc: LlamaConfig, mesh, stage: str) -> dict:
+    """Per-device bytes of one training stage."""
+    sec = cfg.distill if stage == "distill" else cfg.finetune
+    lora = cfg.finetune.lora if stage == "finetune" else None
+    opts = model_options(cfg, lc.num_layers, lora=lora)
+    model = abstract_model(lc, opts)
+    trainable_types = (FeatureMapParam, WindowParam) if stage == "distill" else (LoraParam,)
+    if stage == "finetune" and cfg.finetune.lora.train_attention:
+        trainable_types = (FeatureMapParam, WindowParam, LoraParam)
+    frozen = trainable = 0
+    n_frozen = n_train = 0
+    for _, var in nnx.to_flat_state(nnx.state(model)):
+        v = var.get_value()
+        b = shard_bytes(v.shape, v.dtype, var.get_metadata()["axes"], mesh)
+        if isinstance(var, trainable_types):
+            trainable += b
+            n_train += int(np.prod(v.shape))
+        else:
+            frozen += b
+            n_frozen += int(np.prod(v.shape))
+    # AdamW: two fp32 moments per trainable value + the fp32 gradient
+    optimizer = 2 * trainable
+    grads = trainable
+    act = activation_bytes(cfg, lc, mesh, stage, sec.batch_size, sec.data.chunk_size)
+    total = frozen + trainable + optimizer + grads + act
+    return {
+        "stage": stage, "params_frozen": n_frozen, "params_trainable": n_train, "frozen_bytes": frozen,
+        "trainable_bytes": trainable, "optimizer_bytes": optimizer, "grad_bytes": grads, "activation_bytes": act,
+        "total_bytes": total,
+    }
+
+
+def activation_bytes(cfg: Config, lc: LlamaConfig, mesh, stage: str, global_batch: int, T: int) -> int:
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    tp = mesh.shape["tensor"]
+    B = max(1, math.ceil(global_batch / dp))
+    cdt = np.dtype(to_dtype(cfg.model.compute_dtype)).itemsize
+    E, H, K, D, M, V, L = lc.hidden_size, lc.num_heads, lc.num_kv_heads, lc.head_dim, lc.intermediate_size, lc.vocab_size, lc.num_layers
+    Hs, Ks, Ms, Vs = math.ceil(H / tp), math.ceil(K / tp), math.ceil(M / tp), math.ceil(V / tp)
+    saved_inputs = L * B * T * E * cdt if cfg.model.remat else 0
+    qkv = B * T * (Hs + 2 * Ks + 2 * Hs) * D * cdt  # q, k, v, repeated k/v
+    mlp = B * T * 3 * Ms * cdt
+    teacher_scores = B * Hs * T * T * 4  # the softmax teacher's fp32 score matrix
+    feats = B * T * Hs * 2 * (2 * cfg.attention.feature_dim) * 4
+    layer_peak = 2 * (qkv + mlp + feats) + teacher_scores  # forward + backward of one layer
+    if not cfg.model.remat:
+        layer_peak *= L
+    logits = 3 * B * T * Vs * 4 if stage == "finetune" else 0  # logits, log-softmax, gradient (fp32)
+    return saved_inputs + layer_peak + logits
+
+
+def plan(cfg: Config, devices: int | None = None, memory_gb: float | None = None) -> dict:
+    lc = llama_config_for(cfg)
+    n = devices or cfg.mesh.devices or jax.device_count()
+    shape = MeshShape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor).resolve(n)
+    mesh = _abstract_mesh(shape)
+    stages = [s for s in ("distill", "finetune") if s in cfg.run.stages]
+    limit = (memory_gb or cfg.mesh.device_memory_gb) * GB
+    out = {"model": cfg.model.path, "params": lc.num_params(), "devices": n, "mesh": dict(zip(MESH_AXES, shape)),
+           "device_memory_bytes": limit, "stages": [stage_plan(cfg, lc, mesh, s) for s in stages]}
+    out["fits"] = all(s["total_bytes"] <= limit for s in out["stages"])
+    try:
+        from lolcats_jax.blockwise.plan import blockwise_plan
+
+        if any(s in cfg.run.stages for s in ("collect", "distill_block")):
+            out["blockwise"] = blockwise_plan(cfg, lc, None)
+    except ImportError:
+        pass
+    return out
+
+
+def format_plan(p: dict) -> str:
+    lines = [f"model {p['model']}: {p['params'] / 1e9:.2f}B parameters on {p['devices']} devices, mesh {p['mesh']}",
+             "", "| stage | frozen | trainable | optimizer | grads | activations | total / device | fits |", "|---|---|---|---|---|---|---|---|"]
+    for s in p["stages"]:
+        fits = "yes" if s["total_bytes"] <= p["device_memory_bytes"] else "NO"
+        lines.append(
+            f"| {s['stage']} | {s['frozen_bytes'] / GB:.2f} GiB | {s['trainable_bytes'] / GB:.3f} GiB ({s['params_trainable'] / 1e6:.1f}M) | "
+            f"{s['optimizer_bytes'] / GB:.3f} GiB | {s['grad_bytes'] / GB:.3f} GiB | {s['activation_bytes'] / GB:.2f} GiB | "
+            f"{s['total_bytes'] / GB:.2f} GiB | {fits} |"
+        )
+    lines.append(f"\nper-device budget: {p['device_memory_bytes'] / GB:.0f} GiB")
+    if "blockwise" in p:
+        lines.append(f"block-wise: {p['blockwise']}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m lolcats_jax.plan", description="Per-device memory plan of a config.")
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--devices", type=int, default=None, help="device count (default: mesh.devices of the config)")
+    ap.add_argument("--memory-gb", type=float, default=None)
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    p = plan(cfg, args.devices, args.memory_gb)
+    print(format_plan(p))
+    return 0 if p["fits"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

@@ -1,0 +1,160 @@
+"""The recipe end to end on a tiny model, as users run it: `python -m lolcats_jax.train --config ...`.
+
+* a run, SIGKILLed in the middle of attention transfer and re-run, ends bit-identical to an uninterrupted run;
+* finished stages are skipped; only the intended parameters change in each stage;
+* two local processes (jax.distributed on 127.0.0.1) give the losses of a one-process run;
+* bad config / data / run dir → one clear line and exit code 2.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.train_fixtures import tiny_overrides, write_tiny_data, write_tiny_model
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, smollm2_dir):
+    from lolcats_jax.assets import shakespeare_dir
+
+    root = tmp_path_factory.mktemp("recipe")
+    return write_tiny_model(root / "model", smollm2_dir), write_tiny_data(root / "data", shakespeare_dir())
+
+
+def _env(extra=None):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+    env.pop("XLA_FLAGS", None)
+    env.update(extra or {})
+    return env
+
+
+def _train_cmd(overrides, stage=None):
+    cmd = [sys.executable, "-m", "lolcats_jax.train", "--config", str(REPO / "configs" / "smollm2_demo.yaml"), *overrides]
+    return cmd + (["--stage", stage] if stage else [])
+
+
+def _final_params(run_dir: Path, stage: str) -> dict:
+    import orbax.checkpoint as ocp
+
+    path = (run_dir / stage / "final").absolute()
+    mngr = ocp.CheckpointManager(path)
+    out = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    return {k: np.asarray(v) for k, v in out["state"].items()}
+
+
+def test_killed_run_resumes_bit_identical(tiny, tmp_path):
+    model_dir, data_dir = tiny
+    stages = "run.stages=[distill]"
+    ref_dir, kill_dir = tmp_path / "ref", tmp_path / "killed"
+    subprocess.run(_train_cmd(tiny_overrides(model_dir, data_dir, ref_dir) + [stages]), env=_env(), check=True, cwd=REPO,
+                   capture_output=True)
+    proc = subprocess.Popen(_train_cmd(tiny_overrides(model_dir, data_dir, kill_dir) + [stages]), env=_env(), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = kill_dir / "distill" / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (ckpt.exists() and any(p.name.isdigit() for p in ckpt.iterdir())):
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before its first checkpoint (exit {proc.returncode})")
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (kill_dir / "distill" / "done.json").exists(), "the run finished before it could be killed"
+    res = subprocess.run(_train_cmd(tiny_overrides(model_dir, data_dir, kill_dir) + [stages]), env=_env(), cwd=REPO,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resuming from step" in res.stderr
+    ref, resumed = _final_params(ref_dir, "distill"), _final_params(kill_dir, "distill")
+    assert ref.keys() == resumed.keys()
+    for k in ref:
+        np.testing.assert_array_equal(ref[k], resumed[k], err_msg=k)
+    # the loss fell and the summary is there
+    done = json.loads((kill_dir / "distill" / "done.json").read_text())
+    assert done["best_eval_loss"] < done["initial_eval_loss"]
+
+
+def test_full_recipe_and_stage_skipping(tiny, tmp_path):
+    model_dir, data_dir = tiny
+    run_dir = tmp_path / "run"
+    over = tiny_overrides(model_dir, data_dir, run_dir) + ["run.stages=[distill,finetune,evaluate]"]
+    res = subprocess.run(_train_cmd(over), env=_env(), cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = (run_dir / "report.md").read_text()
+    assert "softmax teacher" in report and "after LoRA finetuning" in report and "Held-out perplexity" in report
+    for f in ("config.yaml", "metrics.jsonl", "plots/distill_loss.png", "plots/finetune_loss.png", "evaluate/results.json"):
+        assert (run_dir / f).exists(), f
+    assert list((run_dir / "tensorboard").rglob("events.out.tfevents*"))
+    # each stage changed only its own parameters
+    distill, finetune = _final_params(run_dir, "distill"), _final_params(run_dir, "finetune")
+    assert set(distill) == {"lolcats/fmap_q", "lolcats/fmap_k", "lolcats/window_logit"}
+    assert set(finetune) == {f"lora/{t}_{ab}" for t in "qkvo" for ab in "ab"}
+    from lolcats_jax.run_model import load_run_model
+    from convert.hf_to_flax import load_hf_params
+
+    model, _ = load_run_model(run_dir)
+    base = load_hf_params(model_dir, param_dtype="float32")
+    for name in ("wq", "wk", "w_down", "attn_norm"):
+        np.testing.assert_array_equal(np.asarray(getattr(model.layers, name)[...]), np.asarray(getattr(base.layers, name)[...]))
+    np.testing.assert_array_equal(np.asarray(model.lolcats.fmap_q[...]), distill["lolcats/fmap_q"])
+    # a second run skips every finished stage
+    res2 = subprocess.run(_train_cmd(over), env=_env(), cwd=REPO, capture_output=True, text=True)
+    assert res2.returncode == 0 and res2.stderr.count("already finished") == 3, res2.stderr[-2000:]
+
+
+def test_two_processes_match_one(tiny, tmp_path):
+    """2 local processes × 1 CPU device each (jax.distributed on 127.0.0.1) vs 1 process × 2 devices: same losses."""
+    import portpicker
+
+    model_dir, data_dir = tiny
+    common = ["run.stages=[distill]", "distill.max_steps=3", "distill.eval_every=3", "distill.checkpoint_every=3", "mesh.fsdp=-1"]
+    one = tmp_path / "one"
+    r = subprocess.run(_train_cmd(tiny_overrides(model_dir, data_dir, one) + common), cwd=REPO, capture_output=True, text=True,
+                       env=_env({"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}))
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = tmp_path / "two"
+    port = portpicker.pick_unused_port()
+    procs = [
+        subprocess.Popen(
+            _train_cmd(tiny_overrides(model_dir, data_dir, two) + common
+                       + [f"run.coordinator=127.0.0.1:{port}", "run.num_processes=2", f"run.process_id={i}"]),
+            cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+
+    def losses(run_dir):
+        recs = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [(r["kind"], r["step"], r["loss"]) for r in recs if r["stage"] == "distill"]
+
+    a, b = losses(one), losses(two)
+    assert [x[:2] for x in a] == [x[:2] for x in b] and len(a) >= 4
+    np.testing.assert_allclose([x[2] for x in a], [x[2] for x in b], rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("distill.optim.lrate=1", "unknown key(s) ['lrate']"),
+        ("distill.data.train=[/nonexistent/x.jsonl]", "/nonexistent/x.jsonl"),
+        ("distill.data.chunk_size=100000", "100000"),
+        ("run.dir=/proc/forbidden", "run.dir=/proc/forbidden"),
+    ],
+)
+def test_user_errors_exit_2(tiny, tmp_path, override, needle):
+    model_dir, data_dir = tiny
+    over = tiny_overrides(model_dir, data_dir, tmp_path / "r") + ["run.stages=[distill]", override]
+    res = subprocess.run(_train_cmd(over), env=_env(), cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 2, res.stderr[-2000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and needle in last, last
