@@ -24,7 +24,6 @@ from kernels.lolcats.recurrent import (
     ring_len,
 )
 from kernels.lolcats.reference import attention_weights_reference, lolcats_attention_reference
-from kernels.lolcats.xent import attention_xent, attention_xent_reference
 from kernels.lolcats.spec import (
     LINEAR_DENOM_EPS,
     Backend,
@@ -33,6 +32,7 @@ from kernels.lolcats.spec import (
     key_set_masks,
     key_sets,
 )
+from kernels.lolcats.xent import attention_xent, attention_xent_reference
 
 __all__ = [
     "Backend", "LolcatsSpec", "FeatureMapParams", "LINEAR_DENOM_EPS", "DEFAULT_WINDOW_LOGIT",

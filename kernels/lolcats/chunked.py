@@ -74,17 +74,17 @@ def _span_masks(st: _Static, n) -> tuple[Array, Array]:
 
 
 def _span_weights(st: _Static, n, q, k_span, fq, fk_span, g, l):
-    """Span weights of query chunk n: P, and the parts E (masked e^{s−c}), L (masked f_q·f_k), plus the window
-    logits s_win and max c needed by the backward. g, l are (1, H, 1, 1)."""
+    """Span weights of query chunk n: P, the parts E (masked e^{s−c}) and L (masked f_q·f_k), the window logits
+    s_win and max c, and the (window, linear) masks — the last four for the backward. g, l are (1, H, 1, 1)."""
     win, lin = _span_masks(st, n)
     L = jnp.where(lin, jnp.einsum("bhif,bhjf->bhij", fq, fk_span), 0.0)
     if not st.has_window:
-        return l * L, None, L, None, None
+        return l * L, None, L, None, None, (win, lin)
     scale = 1.0 / np.sqrt(q.shape[-1])
     s_win = jnp.where(win, jnp.einsum("bhid,bhjd->bhij", q, k_span) * scale, -jnp.inf)
     c = jnp.max(s_win, axis=-1, keepdims=True)  # finite: the diagonal is always a window key
     E = jnp.where(win, jnp.exp(s_win - c), 0.0)
-    return g * E + l * L, E, L, s_win, c
+    return g * E + l * L, E, L, s_win, c, (win, lin)
 
 
 def _state_update(S, z, fk, v):
@@ -138,14 +138,13 @@ def _core_bwd(st, res, dy):
         n, q_n, k_n, v_n, fq_n, fk_n, dnum_n, dden_n = xs
         k_span, v_span = jnp.concatenate([k_prev, k_n], 2), jnp.concatenate([v_prev, v_n], 2)
         fk_span = jnp.concatenate([fk_prev, fk_n], 2)
-        P, E, L, s_win, c = _span_weights(st, n, q_n, k_span, fq_n, fk_span, g, l)
+        P, E, L, s_win, c, (win, lin) = _span_weights(st, n, q_n, k_span, fq_n, fk_span, g, l)
         dP = jnp.einsum("bhid,bhjd->bhij", dnum_n, v_span) + dden_n[..., None]
         dv_span = jnp.einsum("bhij,bhid->bhjd", P, dnum_n)
         fqS = jnp.einsum("bhif,bhfd->bhid", fq_n, S)
         fqz = jnp.einsum("bhif,bhf->bhi", fq_n, z)
         dl = dl + jnp.einsum("bhij,bhij->h", dP, L) + jnp.einsum("bhid,bhid->h", fqS, dnum_n) \
             + jnp.einsum("bhi,bhi->h", dden_n, fqz)
-        win, lin = _span_masks(st, n)
         dL = jnp.where(lin, l * dP, 0.0)
         dfq = jnp.einsum("bhij,bhjf->bhif", dL, fk_span) \
             + l * (jnp.einsum("bhid,bhfd->bhif", dnum_n, S) + dden_n[..., None] * z[:, :, None, :])

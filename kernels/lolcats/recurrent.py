@@ -150,7 +150,7 @@ def decode_step(
     k_BRHD, v_BRHD, fk_BRHF = put(state.k_BRHD, k_t), put(state.v_BRHD, v_t), put(state.fk_BRHF, fk_BHF)
     # 3. attend: ring keys by the parallel form's key-set rule, older keys through (S, z)
     slot_pos_BR = _slot_positions(t_B + 1, R)
-    win_BR, lin_BR = key_sets(t_B[:, None], slot_pos_BR, 0, dspec, xp=jnp)
+    win_BR, lin_BR = key_sets(t_B[:, None], slot_pos_BR, 0, dspec)
     valid_BR = slot_pos_BR >= 0
     win_B1R, lin_B1R = (win_BR & valid_BR)[:, None], (lin_BR & valid_BR)[:, None]
     gamma_H, lam_H = window_factors(theta_H, spec, cdt)

@@ -114,10 +114,10 @@ class FeatureMapParams(NamedTuple):
     bk: Any | None = None  # (H,)
 
 
-def key_sets(i, j, seq_len: int, spec: LolcatsSpec, xp=np):
+def key_sets(i, j, seq_len: int, spec: LolcatsSpec):
     """Boolean (in window 𝒲_i, in linear set 𝓛_i) for integer position arrays i (queries), j (keys), broadcast.
 
-    `xp` is numpy (static masks) or jax.numpy (traced positions). `seq_len` matters only for compat tk masks.
+    Works on numpy arrays (static masks) and traced jax arrays alike. `seq_len` matters only for compat tk masks.
     Pairs with j > i are in neither set. For form="linear" every causal key is linear, for "softmax" every causal
     key is in the window.
     """

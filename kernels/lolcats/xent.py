@@ -84,7 +84,7 @@ def attention_xent(
         if spec.form == "softmax":
             student = teacher
         else:
-            win_CT, lin_CT = key_sets(qpos_C1, key_pos_T[None, :], T, spec, xp=jnp)
+            win_CT, lin_CT = key_sets(qpos_C1, key_pos_T[None, :], T, spec)
             lin_part = jnp.where(lin_CT, jnp.einsum("bihf,bjhf->bhij", fq_BCHF, fk_BTHF), 0.0)
             if spec.form == "linear":
                 p, extra = lin_part, LINEAR_DENOM_EPS
