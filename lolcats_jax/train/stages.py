@@ -178,6 +178,11 @@ def attention_source_stage(ctx: RunContext) -> str:
 def run_finetune(ctx: RunContext) -> dict:
     """Stage 2: LoRA on the linearized model (feature maps and window factors frozen unless lora.train_attention)."""
     f = ctx.cfg.finetune
+    if f.lora.dropout > 0:
+        raise UserError(
+            f"finetune.lora.dropout={f.lora.dropout}: LoRA dropout is not implemented yet; set it to 0 "
+            "(the released 8B/70B LoRA runs used 0)"
+        )
     model = load_base(ctx, linearize=ctx.cfg.attention.kind == "lolcats", lora=f.lora)
     if ctx.cfg.attention.kind == "lolcats":
         load_stage_params(ctx, model, attention_source_stage(ctx))
