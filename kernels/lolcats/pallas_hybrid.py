@@ -36,15 +36,19 @@ class PallasConfig:
 
     chunk:      C; None → spec.chunk_len() rounded up to a power of two ≥ 16.
     block_v:    value tile of the forward kernel; None → min(Dv, 64).
-    num_warps_fwd / num_warps_bwd / num_stages: Triton compiler parameters.
+    seg_chunks: chunks per program; segments run in parallel from precomputed states (more programs than
+                batch × heads, which alone would leave most of a GPU idle).
+    num_warps_fwd / num_warps_bwd / num_stages: Triton compiler parameters (num_stages > 1 pipelines the chunk
+                loads but exceeds the shared memory of an H100 in the backward kernels at D = 128).
     interpret:  run the kernels in Pallas interpret mode; None → interpret unless the default backend is a GPU.
     """
 
     chunk: int | None = None
     block_v: int | None = None
+    seg_chunks: int = 16
     num_warps_fwd: int = 4
     num_warps_bwd: int = 8
-    num_stages: int = 2
+    num_stages: int = 1
     interpret: bool | None = None
 
     def resolve_interpret(self) -> bool:
@@ -87,7 +91,7 @@ def make_layout(spec: LolcatsSpec, T: int, D: int, Dv: int, F: int, cfg: PallasC
     return KernelLayout(
         form=spec.form, window=spec.window, window_size=W, chunk=C, seq_len=int(T), num_chunks=N,
         feature_map=spec.feature_map, fullspace=bool(spec.fullspace), fm_eps=float(spec.eps),
-        den_eps=LINEAR_DENOM_EPS if spec.form == "linear" else 0.0, block_v=V,
+        den_eps=LINEAR_DENOM_EPS if spec.form == "linear" else 0.0, block_v=V, seg_chunks=max(1, cfg.seg_chunks),
         num_warps_fwd=cfg.num_warps_fwd, num_warps_bwd=cfg.num_warps_bwd, num_stages=cfg.num_stages)
 
 
@@ -101,14 +105,15 @@ def _lolcats_padded(q, k, v, wq, wk, hs_H4, lay: KernelLayout, interpret: bool):
 
 
 def _lolcats_padded_fwd(q, k, v, wq, wk, hs_H4, lay, interpret):
-    y, c_BHT, den_BHT = forward_call(q, k, v, wq, wk, hs_H4, lay, interpret)
-    return y, (q, k, v, wq, wk, hs_H4, y, c_BHT, den_BHT)
+    y, *stats = forward_call(q, k, v, wq, wk, hs_H4, lay, interpret)
+    return y, (q, k, v, wq, wk, hs_H4, y, *stats)
 
 
-def _lolcats_padded_bwd(lay, interpret, res, dy):
-    q, k, v, wq, wk, hs_H4, y, c_BHT, den_BHT = res
-    dq, dk, dv, duq, duk, rw, rl = backward_call(q, k, v, wq, wk, hs_H4, y, c_BHT, den_BHT, dy.astype(y.dtype),
-                                                 lay, interpret)
+def lolcats_padded_bwd(lay, interpret, res, dy):
+    """Backward of the padded op from its residuals (shared with the Triton forward of triton_hybrid.py)."""
+    q, k, v, wq, wk, hs_H4, y, c_BHT, den_BHT, S0, z0 = res
+    dq, dk, dv, duq, duk, rw, rl = backward_call(q, k, v, wq, wk, hs_H4, y, c_BHT, den_BHT, S0, z0,
+                                                 dy.astype(y.dtype), lay, interpret)
 
     def weight_grad(x_BTHD, du_BTHF, w_HDF):
         return jnp.einsum("bthd,bthf->hdf", x_BTHD, du_BTHF.astype(x_BTHD.dtype),
@@ -118,7 +123,7 @@ def _lolcats_padded_bwd(lay, interpret, res, dy):
     return dq, dk, dv, weight_grad(q, duq, wq), weight_grad(k, duk, wk), dhs_H4.astype(hs_H4.dtype)
 
 
-_lolcats_padded.defvjp(_lolcats_padded_fwd, _lolcats_padded_bwd)
+_lolcats_padded.defvjp(_lolcats_padded_fwd, lolcats_padded_bwd)
 
 
 # --------------------------------------------------------------------------------------------- public wrapper
@@ -144,9 +149,17 @@ def pallas_lolcats_attention(
         raise ValueError(f"q, k, v must be [B, T, H, D] with matching B, T, H: {q.shape=}, {k.shape=}, {v.shape=}")
     interpret = config.resolve_interpret()
     lay = make_layout(spec, T, D, v.shape[-1], fmap.wq.shape[-1], config, interpret)
+    qp, kp, vp, hs_H4 = prepare_inputs(q, k, v, fmap, theta_H, spec, lay)
+    return _lolcats_padded(qp, kp, vp, fmap.wq, fmap.wk, hs_H4, lay, interpret)[:, :T]
+
+
+def prepare_inputs(q, k, v, fmap: FeatureMapParams, theta_H, spec: LolcatsSpec, lay: KernelLayout):
+    """(q, k, v) zero-padded to Tp = N·C in q's dtype, and the per-head scalars hs_H4 = [γ, λ, b_q, b_k] (f32)."""
+    H = q.shape[2]
     if spec.form == "hybrid":
-        if theta_H is None:
-            raise ValueError(f"form='hybrid' needs theta_H of shape (H,)=({H},)")
+        if theta_H is None or theta_H.shape != (H,):
+            raise ValueError(f"form='hybrid' needs theta_H of shape (H,)=({H},), got "
+                             f"{None if theta_H is None else theta_H.shape}")
         gamma_H, lam_H = window_factors(theta_H, spec, jnp.float32)
     else:
         gamma_H, lam_H = jnp.zeros((H,), jnp.float32), jnp.ones((H,), jnp.float32)
@@ -154,10 +167,9 @@ def pallas_lolcats_attention(
     bq_H = zeros_H if fmap.bq is None else fmap.bq.astype(jnp.float32)
     bk_H = zeros_H if fmap.bk is None else fmap.bk.astype(jnp.float32)
     hs_H4 = jnp.stack([gamma_H, lam_H, bq_H, bk_H], axis=-1)
-    pad = lay.num_chunks * lay.chunk - T
+    pad = lay.num_chunks * lay.chunk - q.shape[1]
     qp, kp, vp = (jnp.pad(x.astype(q.dtype), ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
-    y = _lolcats_padded(qp, kp, vp, fmap.wq, fmap.wk, hs_H4, lay, interpret)
-    return y[:, :T]
+    return qp, kp, vp, hs_H4
 
 
 def _softmax_teacher(q, k, v):

@@ -1,4 +1,4 @@
-"""Backward Pallas kernels of LoLCATS hybrid / linear attention (Triton lowering), one program per (batch, head).
+"""Backward Pallas kernels of LoLCATS hybrid / linear attention (Triton lowering).
 
 Notation as in pallas_hybrid_fwd.py. With den_i the forward denominator, dy the output cotangent:
   g_i = dy_i / den_i,  δ_i = dy_i·y_i / den_i,  dP_ij = g_i·v_j − δ_i,
@@ -10,6 +10,8 @@ The far linear terms (key chunks ≤ n − lag) go through states, so every kern
     the arg-max part of dk split into a "same chunk" and a "previous chunk" array (each chunk written once);
   kernel 2 (`dkv`, reverse loop over key chunks): G = Σ f_q,i g_iᵀ, Z = Σ δ_i f_q,i over query chunks ≥ m + lag
     → dv_j += λ Gᵀ f_k,j, df_k,j += λ (G v_j − Z); it emits dk, dv, du_k.
+Both run one program per (batch, head, segment of G chunks): the dq kernel starts from the forward's segment
+states, the dk/dv kernel from G, Z summed over later segments (pallas_hybrid_state.query_states).
 Weight/bias gradients (dW = Σ_t xᵀ du, db = Σ du) are formed outside from du (one large XLA matmul).
 Reference: jax.vjp of kernels.lolcats.reference.lolcats_attention_reference (tests/kernels/test_pallas.py).
 """
@@ -22,16 +24,22 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels.lolcats.pallas_hybrid_fwd import BIAS_K, BIAS_Q, GAMMA, LAMBDA
+from kernels.lolcats.pallas_hybrid_state import query_states
 from kernels.lolcats.pallas_tiles import (
+    BIAS_K,
+    BIAS_Q,
+    GAMMA,
+    LAMBDA,
     NEG_INF,
     KernelLayout,
     features,
     features_bwd,
     key_set_tile,
+    load_state,
     mm,
     mm_t,
     mm_tn,
+    query_side,
     row_guard,
     rowsum,
     softmax_scale,
@@ -39,21 +47,11 @@ from kernels.lolcats.pallas_tiles import (
 from lolcats_jax import compat
 
 
-def _query_side(n, q_ref, dy_ref, y_ref, den_ref, lay: KernelLayout):
-    """q_CD, g_CD = dy/den, δ_C = dy·y/den of query chunk n (zero on padding rows)."""
-    rows = pl.ds(n * lay.chunk, lay.chunk)
-    valid = row_guard(n, lay)
-    dy_CD = dy_ref[rows, :].astype(jnp.float32)
-    den_C = den_ref[rows]
-    g_CD = jnp.where(valid[:, None], dy_CD / den_C[:, None], 0.0)
-    delta_C = jnp.where(valid, rowsum(dy_CD * y_ref[rows, :].astype(jnp.float32)) / den_C, 0.0)
-    return q_ref[rows, :], g_CD, delta_C
-
-
-def _dq_kernel(q_ref, k_ref, v_ref, dy_ref, y_ref, wq_ref, wk_ref, hs_ref, den_ref,
+def _dq_kernel(q_ref, k_ref, v_ref, dy_ref, y_ref, wq_ref, wk_ref, hs_ref, den_ref, S0_ref, z0_ref,
                dq_ref, duq_ref, rw_ref, rl_ref, *dkmax_refs, lay: KernelLayout):
-    """Refs: q/k/dq/dkmax (Tp, D), v/dy/y (Tp, Dv), wq/wk (D, F), hs (4,), den/rw/rl (Tp,), duq (Tp, F);
-    dkmax_refs = (same-chunk, previous-chunk) arg-max parts of dk, window forms only."""
+    """Refs: q/k/dq/dkmax (Tp, D), v/dy/y (Tp, Dv), wq/wk (D, F), hs (4,), den/rw/rl (Tp,), S0 (P·F, Dv),
+    z0 (P·F,), duq (Tp, F); dkmax_refs = (same-chunk, previous-chunk) arg-max parts of dk, window forms only.
+    One program per (b, h, segment program_id(2)), a forward loop over the segment's query chunks."""
     C, N, dt = lay.chunk, lay.num_chunks, q_ref.dtype
     scale = softmax_scale(q_ref.shape[-1])
     gamma, lam = hs_ref[GAMMA], hs_ref[LAMBDA]
@@ -62,7 +60,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, dy_ref, y_ref, wq_ref, wk_ref, hs_ref, den_r
     def body(n, carry):
         S_PFD, z_PF = carry
         i0 = n * C
-        q_CD, g_CD, delta_C = _query_side(n, q_ref, dy_ref, y_ref, den_ref, lay)
+        q_CD, g_CD, delta_C = query_side(n, q_ref, dy_ref, y_ref, den_ref, lay)
         uq_CF, aq, fq = features(q_CD, wq_ref[...], hs_ref[BIAS_Q], lay, dt)
         tiles = {}
         for blk in lay.blocks:
@@ -125,16 +123,15 @@ def _dq_kernel(q_ref, k_ref, v_ref, dy_ref, y_ref, wq_ref, wk_ref, hs_ref, den_r
         z_PF = tuple(z + jnp.sum(f, axis=0) for z, f in zip(z_PF, fk))
         return S_PFD, z_PF
 
-    F, Dv = wq_ref.shape[-1], v_ref.shape[-1]
-    init = (tuple(jnp.zeros((F, Dv), jnp.float32) for _ in range(lay.num_parts)),
-            tuple(jnp.zeros((F,), jnp.float32) for _ in range(lay.num_parts)))
-    jax.lax.fori_loop(0, N, body, init)
+    n0, n1 = lay.segment(pl.program_id(2))
+    jax.lax.fori_loop(n0, n1, body, load_state(S0_ref, z0_ref, lay, wq_ref.shape[-1]))
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, dy_ref, y_ref, wq_ref, wk_ref, hs_ref, den_ref, c_ref, *refs,
-                lay: KernelLayout):
-    """Refs as in `_dq_kernel`; c (Tp,) = forward window row max; refs = (*dkmax_refs (window forms), dk (Tp, D),
-    dv (Tp, Dv), duk (Tp, F))."""
+def _dkv_kernel(q_ref, k_ref, v_ref, dy_ref, y_ref, wq_ref, wk_ref, hs_ref, den_ref, G0_ref, Z0_ref, c_ref,
+                *refs, lay: KernelLayout):
+    """Refs as in `_dq_kernel`; G0 (P·F, Dv), Z0 (P·F,) = state after the segment; c (Tp,) = forward window row
+    max; refs = (*dkmax_refs (window forms), dk (Tp, D), dv (Tp, Dv), duk (Tp, F)). One program per
+    (b, h, segment program_id(2)), a reverse loop over the segment's key chunks."""
     *dkmax_refs, dk_ref, dv_ref, duk_ref = refs
     C, N, dt = lay.chunk, lay.num_chunks, q_ref.dtype
     scale = softmax_scale(q_ref.shape[-1])
@@ -142,9 +139,11 @@ def _dkv_kernel(q_ref, k_ref, v_ref, dy_ref, y_ref, wq_ref, wk_ref, hs_ref, den_
     # query chunks seen directly by key chunk m: m ("cur" relation) and m + 1 ("prev" relation, hybrid only)
     state_block = "prev" if lay.has_window else "cur"
 
+    n0, n1 = lay.segment(pl.program_id(2))
+
     def body(it, carry):
         G_PFD, Z_PF = carry
-        m = N - 1 - it
+        m = n1 - 1 - it
         j0 = m * C
         k_CD, v_CV = k_ref[pl.ds(j0, C), :], v_ref[pl.ds(j0, C), :]
         uk_CF, ak, fk = features(k_CD, wk_ref[...], hs_ref[BIAS_K], lay, dt)
@@ -155,7 +154,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, dy_ref, y_ref, wq_ref, wk_ref, hs_ref, den_
         for blk in lay.blocks:
             qn = m if blk == "cur" else m + 1  # chunk N is past the end: its rows are padding (g = δ = 0)
             qn_load = jnp.minimum(qn, N - 1)
-            q_CD, g_CD, delta_C = _query_side(qn_load, q_ref, dy_ref, y_ref, den_ref, lay)
+            q_CD, g_CD, delta_C = query_side(qn_load, q_ref, dy_ref, y_ref, den_ref, lay)
             valid_C = row_guard(qn, lay)
             g_CD = jnp.where(valid_C[:, None], g_CD, 0.0)
             delta_C = jnp.where(valid_C, delta_C, 0.0)
@@ -198,28 +197,29 @@ def _dkv_kernel(q_ref, k_ref, v_ref, dy_ref, y_ref, wq_ref, wk_ref, hs_ref, den_
         Z_PF = tuple(Z + jnp.sum(f * delta_C[:, None], axis=0) for Z, f in zip(Z_PF, fq))
         return G_PFD, Z_PF
 
-    F, Dv = wq_ref.shape[-1], v_ref.shape[-1]
-    init = (tuple(jnp.zeros((F, Dv), jnp.float32) for _ in range(lay.num_parts)),
-            tuple(jnp.zeros((F,), jnp.float32) for _ in range(lay.num_parts)))
-    jax.lax.fori_loop(0, N, body, init)
+    jax.lax.fori_loop(0, n1 - n0, body, load_state(G0_ref, Z0_ref, lay, wq_ref.shape[-1]))
 
 
-def backward_call(q, k, v, wq, wk, hs_H4, y, c_BHT, den_BHT, dy, lay: KernelLayout, interpret: bool):
-    """(dq, dk, dv, duq (B,Tp,H,F) f32, duk, rw (B,H,Tp), rl (B,H,Tp)) for padded inputs."""
+def backward_call(q, k, v, wq, wk, hs_H4, y, c_BHT, den_BHT, S0, z0, dy, lay: KernelLayout, interpret: bool):
+    """(dq, dk, dv, duq (B,Tp,H,F) f32, duk, rw (B,H,Tp), rl (B,H,Tp)) for padded inputs; S0/z0 are the
+    forward's segment start states."""
     B, Tp, H, D = q.shape
-    Dv, F = v.shape[-1], wq.shape[-1]
-    grid = (B, H)
+    Dv, F, NS = v.shape[-1], wq.shape[-1], lay.num_segments
+    PF = lay.num_parts * F
+    grid = (B, H, NS)
 
     def seq(width):
-        return pl.BlockSpec((None, Tp, None, width), lambda b, h: (b, 0, h, 0))
+        return pl.BlockSpec((None, Tp, None, width), lambda b, h, s: (b, 0, h, 0))
 
-    w_spec = pl.BlockSpec((None, D, F), lambda b, h: (h, 0, 0))
-    hs_spec = pl.BlockSpec((None, 4), lambda b, h: (h, 0))
-    row_spec = pl.BlockSpec((None, None, Tp), lambda b, h: (b, h, 0))
+    w_spec = pl.BlockSpec((None, D, F), lambda b, h, s: (h, 0, 0))
+    hs_spec = pl.BlockSpec((None, 4), lambda b, h, s: (h, 0))
+    row_spec = pl.BlockSpec((None, None, Tp), lambda b, h, s: (b, h, 0))
+    S_spec = pl.BlockSpec((None, None, None, PF, Dv), lambda b, h, s: (b, h, s, 0, 0))
+    z_spec = pl.BlockSpec((None, None, None, PF), lambda b, h, s: (b, h, s, 0))
     sds = jax.ShapeDtypeStruct
     rows = sds((B, H, Tp), jnp.float32)
     params = compat.triton_compiler_params(num_warps=lay.num_warps_bwd, num_stages=lay.num_stages)
-    in_specs = [seq(D), seq(D), seq(Dv), seq(Dv), seq(Dv), w_spec, w_spec, hs_spec, row_spec]
+    in_specs = [seq(D), seq(D), seq(Dv), seq(Dv), seq(Dv), w_spec, w_spec, hs_spec, row_spec, S_spec, z_spec]
     # arg-max part of dk (window forms only), in q's dtype (float32 for float32 inputs)
     dkmax = [sds(q.shape, q.dtype)] * 2 if lay.has_window else []
     dq, duq, rw, rl, *dkmax = pl.pallas_call(
@@ -231,7 +231,8 @@ def backward_call(q, k, v, wq, wk, hs_H4, y, c_BHT, den_BHT, dy, lay: KernelLayo
         compiler_params=params,
         interpret=interpret,
         name=f"lolcats_{lay.form}_{lay.window}_bwd_dq",
-    )(q, k, v, dy, y, wq, wk, hs_H4, den_BHT)
+    )(q, k, v, dy, y, wq, wk, hs_H4, den_BHT, S0, z0)
+    G0, Z0 = query_states(q, dy, y, den_BHT, wq, hs_H4, lay, interpret)
     dk, dv, duk = pl.pallas_call(
         functools.partial(_dkv_kernel, lay=lay),
         grid=grid,
@@ -241,5 +242,5 @@ def backward_call(q, k, v, wq, wk, hs_H4, y, c_BHT, den_BHT, dy, lay: KernelLayo
         compiler_params=params,
         interpret=interpret,
         name=f"lolcats_{lay.form}_{lay.window}_bwd_dkv",
-    )(q, k, v, dy, y, wq, wk, hs_H4, den_BHT, c_BHT, *dkmax)
+    )(q, k, v, dy, y, wq, wk, hs_H4, den_BHT, G0, Z0, c_BHT, *dkmax)
     return dq, dk, dv, duq, duk, rw, rl

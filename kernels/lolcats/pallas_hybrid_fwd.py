@@ -1,5 +1,5 @@
 """Forward Pallas kernel of LoLCATS hybrid / linear attention (Triton lowering), one program per
-(batch, head, value tile), a `fori_loop` over chunks inside the program.
+(batch, head, value tile, segment), a `fori_loop` over the segment's chunks inside the program.
 
 Notation: B batch, Tp padded tokens, H heads, D head dim, Dv value dim, V value tile (block_v), F feature dim,
 P feature parts, C chunk, N = Tp / C (see pallas_tiles.py). Per query i of chunk n (rows r, i = nC + r):
@@ -11,6 +11,8 @@ float32 across the loop (for the linear form: chunks ≤ n−1 and only the "cur
 fused: f = max(act(±(x·W_h + b_h)), eps) is computed per chunk from q/k tiles and the per-head weights.
 
 Residual outputs for the backward: c (row max of window logits) and den (row denominators), float32 (B, H, Tp).
+Parallelism: one program per (batch, head, value tile, segment of G chunks); each segment starts from the state
+of all earlier chunks (pallas_hybrid_state.key_states).
 Reference: kernels.lolcats.reference.lolcats_attention_reference (quadratic), tests/kernels/test_pallas.py.
 """
 
@@ -22,11 +24,17 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from kernels.lolcats.pallas_hybrid_state import key_states
 from kernels.lolcats.pallas_tiles import (
+    BIAS_K,
+    BIAS_Q,
+    GAMMA,
+    LAMBDA,
     NEG_INF,
     KernelLayout,
     features,
     key_set_tile,
+    load_state,
     mm,
     mm_t,
     mm_tn,
@@ -36,12 +44,11 @@ from kernels.lolcats.pallas_tiles import (
 )
 from lolcats_jax import compat
 
-# head_scalars_H4 columns (the per-head scalars every kernel reads)
-GAMMA, LAMBDA, BIAS_Q, BIAS_K = range(4)
 
-
-def _forward_kernel(q_ref, k_ref, v_ref, wq_ref, wk_ref, hs_ref, y_ref, c_ref, den_ref, *, lay: KernelLayout):
-    """Refs: q/k (Tp, D), v/y (Tp, V), wq/wk (D, F), hs (4,), c/den (Tp,)."""
+def _forward_kernel(q_ref, k_ref, v_ref, wq_ref, wk_ref, hs_ref, S0_ref, z0_ref, y_ref, c_ref, den_ref, *,
+                    lay: KernelLayout):
+    """Refs: q/k (Tp, D), v/y (Tp, V), wq/wk (D, F), hs (4,), S0 (P·F, V), z0 (P·F,), c/den (Tp,);
+    program (b, h, value tile, segment program_id(3)) loops over the segment's chunks from the state S0, z0."""
     C, dt = lay.chunk, q_ref.dtype
     scale = softmax_scale(q_ref.shape[-1])
     gamma, lam = hs_ref[GAMMA], hs_ref[LAMBDA]
@@ -95,31 +102,35 @@ def _forward_kernel(q_ref, k_ref, v_ref, wq_ref, wk_ref, hs_ref, y_ref, c_ref, d
         z_PF = tuple(z + jnp.sum(f, axis=0) for z, f in zip(z_PF, fk))
         return S_PFV, z_PF
 
-    F, V = wq_ref.shape[-1], v_ref.shape[-1]
-    init = (tuple(jnp.zeros((F, V), jnp.float32) for _ in range(lay.num_parts)),
-            tuple(jnp.zeros((F,), jnp.float32) for _ in range(lay.num_parts)))
-    jax.lax.fori_loop(0, lay.num_chunks, body, init)
+    n0, n1 = lay.segment(pl.program_id(3))
+    jax.lax.fori_loop(n0, n1, body, load_state(S0_ref, z0_ref, lay, wq_ref.shape[-1]))
 
 
 def forward_call(q_BTHD, k_BTHD, v_BTHD, wq_HDF, wk_HDF, hs_H4, lay: KernelLayout, interpret: bool):
-    """(y (B,Tp,H,Dv) in q's dtype, c (B,H,Tp) f32, den (B,H,Tp) f32) for padded inputs (Tp = N·C)."""
+    """(y (B,Tp,H,Dv) in q's dtype, c (B,H,Tp) f32, den (B,H,Tp) f32, S0 (B,H,NS,P·F,Dv), z0 (B,H,NS,P·F)) for
+    padded inputs (Tp = N·C); S0/z0 are the segment start states (residuals for the dq kernel)."""
     B, Tp, H, D = q_BTHD.shape
-    Dv, F, V = v_BTHD.shape[-1], wq_HDF.shape[-1], lay.block_v
+    Dv, F, V, NS = v_BTHD.shape[-1], wq_HDF.shape[-1], lay.block_v, lay.num_segments
+    PF = lay.num_parts * F
     if Dv % V:
         raise ValueError(f"value dim {Dv=} must be a multiple of block_v={V}")
-    qk_spec = pl.BlockSpec((None, Tp, None, D), lambda b, h, j: (b, 0, h, 0))
-    v_spec = pl.BlockSpec((None, Tp, None, V), lambda b, h, j: (b, 0, h, j))
-    w_spec = pl.BlockSpec((None, D, F), lambda b, h, j: (h, 0, 0))
-    hs_spec = pl.BlockSpec((None, 4), lambda b, h, j: (h, 0))
-    row_spec = pl.BlockSpec((None, None, Tp), lambda b, h, j: (b, h, 0))
+    S0, z0 = key_states(k_BTHD, v_BTHD, wk_HDF, hs_H4, lay, interpret)
+    qk_spec = pl.BlockSpec((None, Tp, None, D), lambda b, h, j, s: (b, 0, h, 0))
+    v_spec = pl.BlockSpec((None, Tp, None, V), lambda b, h, j, s: (b, 0, h, j))
+    w_spec = pl.BlockSpec((None, D, F), lambda b, h, j, s: (h, 0, 0))
+    hs_spec = pl.BlockSpec((None, 4), lambda b, h, j, s: (h, 0))
+    S_spec = pl.BlockSpec((None, None, None, PF, V), lambda b, h, j, s: (b, h, s, 0, j))
+    z_spec = pl.BlockSpec((None, None, None, PF), lambda b, h, j, s: (b, h, s, 0))
+    row_spec = pl.BlockSpec((None, None, Tp), lambda b, h, j, s: (b, h, 0))
     row_shape = jax.ShapeDtypeStruct((B, H, Tp), jnp.float32)
-    return pl.pallas_call(
+    y, c, den = pl.pallas_call(
         functools.partial(_forward_kernel, lay=lay),
-        grid=(B, H, Dv // V),
-        in_specs=[qk_spec, qk_spec, v_spec, w_spec, w_spec, hs_spec],
+        grid=(B, H, Dv // V, NS),
+        in_specs=[qk_spec, qk_spec, v_spec, w_spec, w_spec, hs_spec, S_spec, z_spec],
         out_specs=[v_spec, row_spec, row_spec],
         out_shape=[jax.ShapeDtypeStruct(v_BTHD.shape, q_BTHD.dtype), row_shape, row_shape],
         compiler_params=compat.triton_compiler_params(num_warps=lay.num_warps_fwd, num_stages=lay.num_stages),
         interpret=interpret,
         name=f"lolcats_{lay.form}_{lay.window}_fwd",
-    )(q_BTHD, k_BTHD, v_BTHD, wq_HDF, wk_HDF, hs_H4)
+    )(q_BTHD, k_BTHD, v_BTHD, wq_HDF, wk_HDF, hs_H4, S0, z0)
+    return y, c, den, S0, z0

@@ -3,9 +3,10 @@ fused Hedgehog feature map (forward and backward), all acting on one chunk of on
 
 Notation (as in spec.py): C = chunk length (rows of a tile), D = head dim, V = value-tile width (≤ D),
 F = learned feature dim, P = feature parts (2 for fullspace softmax_dim/exp_dim: [act(u); act(−u)], else 1),
-F' = P·F, N = chunks, Tp = N·C padded length, T = true length. Tiles are named `x_CD`, `u_CF`, `s_CC` …;
-absolute query/key positions are i/j. Everything here is traced inside a `pallas_call` body, so only ops that the
-Triton lowering supports are used (2-D dots, iota, where, exp, max/sum reductions; no concatenate).
+F' = P·F, N = chunks, Tp = N·C padded length, T = true length, G = chunks per segment, NS = segments.
+Tiles are named `x_CD`, `u_CF`, `s_CC` …; absolute query/key positions are i/j. Everything here is traced inside
+a `pallas_call` body, so only ops that the Triton lowering supports are used (2-D dots, iota, where, exp, max/sum
+reductions; no concatenate).
 
 Reference beside these kernels: `kernels.lolcats.feature_maps.feature_map` (features) and
 `kernels.lolcats.spec.key_sets` (masks), checked by tests/kernels/test_pallas.py.
@@ -18,8 +19,10 @@ import math
 
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import pallas as pl
 
 NEG_INF = float("-inf")
+GAMMA, LAMBDA, BIAS_Q, BIAS_K = range(4)  # columns of the per-head scalars hs_H4 every kernel reads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +32,9 @@ class KernelLayout:
     form: "hybrid" | "linear"; window: "sw" | "tk"; window_size: W; chunk: C (power of two ≥ 16, a multiple of W for
     tk, ≥ W for sw); seq_len: true T (rows ≥ T are padding); num_chunks: N; feature_map/fullspace/fm_eps as in
     LolcatsSpec (fm_eps = the clamp eps); den_eps: added to the linear form's denominator; block_v: value tile of
-    the forward kernel; num_warps/num_stages: Triton compiler parameters (forward, backward).
+    the forward kernel; seg_chunks: G chunks per program (the sequence is split into segments that run in
+    parallel, each starting from the state of all earlier chunks, summed by pallas_hybrid_state.py);
+    num_warps/num_stages: Triton compiler parameters (forward, backward).
     """
 
     form: str
@@ -43,9 +48,24 @@ class KernelLayout:
     fm_eps: float
     den_eps: float
     block_v: int
+    seg_chunks: int = 16
     num_warps_fwd: int = 4
     num_warps_bwd: int = 8
-    num_stages: int = 2
+    num_stages: int = 1
+
+    @property
+    def num_segments(self) -> int:
+        return -(-self.num_chunks // self.seg_chunks)
+
+    @property
+    def shift(self) -> int:
+        """lag − 1: the state update of iteration n absorbs chunk n − shift (forward) / query chunk m + shift."""
+        return self.lag - 1
+
+    def segment(self, s):
+        """[n0, n1): the chunks of segment s (one program per segment; the last one may be shorter)."""
+        n0 = s * self.seg_chunks
+        return n0, jnp.minimum(n0 + self.seg_chunks, self.num_chunks)
 
     @property
     def has_window(self) -> bool:
@@ -191,3 +211,26 @@ def row_guard(n, lay: KernelLayout):
     """valid_C: rows (queries) of chunk n that are real tokens, not padding."""
     return positions(n * lay.chunk, lay.chunk, 0, (lay.chunk,)) < lay.seq_len
 
+
+
+def query_side(n, q_ref, dy_ref, y_ref, den_ref, lay: KernelLayout):
+    """q_CD, g_CD = dy/den, δ_C = dy·y/den of query chunk n (zero on padding rows), for the backward kernels."""
+    rows = pl.ds(n * lay.chunk, lay.chunk)
+    valid = row_guard(n, lay)
+    dy_CD = dy_ref[rows, :].astype(jnp.float32)
+    den_C = den_ref[rows]
+    g_CD = jnp.where(valid[:, None], dy_CD / den_C[:, None], 0.0)
+    delta_C = jnp.where(valid, rowsum(dy_CD * y_ref[rows, :].astype(jnp.float32)) / den_C, 0.0)
+    return q_ref[rows, :], g_CD, delta_C
+
+
+def load_state(S_ref, z_ref, lay: KernelLayout, F: int):
+    """Per-part state tiles (S_p (F, X), z_p (F,)) from refs holding P·F rows."""
+    parts = range(lay.num_parts)
+    return (tuple(S_ref[pl.ds(p * F, F), :] for p in parts), tuple(z_ref[pl.ds(p * F, F)] for p in parts))
+
+
+def store_state(S_ref, z_ref, S, z, F: int):
+    for p, (S_FX, z_F) in enumerate(zip(S, z)):
+        S_ref[pl.ds(p * F, F), :] = S_FX
+        z_ref[pl.ds(p * F, F)] = z_F

@@ -27,24 +27,24 @@ from lolcats_jax import compat
 # (Σ_j P_ij dP_ij = 0), so it is measured separately with a looser bound.
 TOL = {jnp.float32: (1e-5, 1e-5, 1e-4), jnp.bfloat16: (1e-2, 1e-2, 3e-2)}
 
-CASES = [  # (spec kwargs, chunk or None, B, T, D, F)
-    (dict(window="tk", window_size=16), None, 1, 100, 16, 8),  # C = 64 = 4W: linear pairs inside the span
-    (dict(window="tk", window_size=16), 16, 2, 70, 16, 8),  # C = W, batch > 1
-    (dict(window="sw", window_size=16), 16, 1, 100, 32, 16),  # C = W
-    (dict(window="sw", window_size=8), 32, 1, 77, 16, 8),  # C = 4W
-    (dict(window="tk", window_size=32), None, 1, 20, 32, 8),  # T < W
-    (dict(window="sw", window_size=16), None, 1, 1, 16, 8),  # T = 1
-    (dict(form="linear"), 16, 1, 100, 16, 8),
-    (dict(window="sw", window_size=16, feature_map="exp_dim", affine=True), 16, 1, 50, 16, 8),
-    (dict(window="tk", window_size=16, feature_map="relu"), 16, 1, 50, 16, 8),
-    (dict(window="sw", window_size=16, feature_map="pos_elu"), 32, 1, 50, 16, 8),
-    (dict(window="tk", window_size=16, feature_map="softmax_dim", fullspace=False), 16, 1, 50, 16, 8),
+CASES = [  # (spec kwargs, chunk C or None, chunks per segment G, B, T, D, F)
+    (dict(window="tk", window_size=16), None, 16, 1, 100, 16, 8),  # C = 64 = 4W: linear pairs inside the span
+    (dict(window="tk", window_size=16), 16, 2, 2, 70, 16, 8),  # C = W, batch > 1, 3 segments
+    (dict(window="sw", window_size=16), 16, 1, 1, 100, 32, 16),  # C = W, one chunk per segment
+    (dict(window="sw", window_size=8), 32, 2, 1, 77, 16, 8),  # C = 4W
+    (dict(window="tk", window_size=32), None, 2, 1, 20, 32, 8),  # T < W
+    (dict(window="sw", window_size=16), None, 2, 1, 1, 16, 8),  # T = 1
+    (dict(form="linear"), 16, 3, 1, 100, 16, 8),
+    (dict(window="sw", window_size=16, feature_map="exp_dim", affine=True), 16, 2, 1, 50, 16, 8),
+    (dict(window="tk", window_size=16, feature_map="relu"), 16, 2, 1, 50, 16, 8),
+    (dict(window="sw", window_size=16, feature_map="pos_elu"), 32, 1, 1, 50, 16, 8),
+    (dict(window="tk", window_size=16, feature_map="softmax_dim", fullspace=False), 16, 2, 1, 50, 16, 8),
 ]
 
 
 def _ids(case):
-    kw, chunk, B, T, D, F = case
-    return "-".join(str(v) for v in kw.values()) + f"-C{chunk}-B{B}T{T}D{D}F{F}"
+    kw, chunk, seg, B, T, D, F = case
+    return "-".join(str(v) for v in kw.values()) + f"-C{chunk}-G{seg}-B{B}T{T}D{D}F{F}"
 
 
 def _output_and_grads(fn, inputs, spec, ct_dtype):
@@ -61,11 +61,12 @@ def _output_and_grads(fn, inputs, spec, ct_dtype):
 
 def _check(case, dtype, seed=0):
     """Kernel in `dtype` (interpret mode) against the reference evaluated in float64 on the same inputs."""
-    kw, chunk, B, T, D, F = case
+    kw, chunk, seg, B, T, D, F = case
     spec = LolcatsSpec(**kw)
     bias = spec.feature_map in ("relu", "pos_elu")
     inputs = make_inputs(seed, B, T, 2, D, F, dtype, bias=bias)
-    kernel = functools.partial(pallas_lolcats_attention, config=PallasConfig(chunk=chunk, interpret=True))
+    config = PallasConfig(chunk=chunk, seg_chunks=seg, interpret=True)
+    kernel = functools.partial(pallas_lolcats_attention, config=config)
     y, grads = _output_and_grads(kernel, inputs, spec, dtype)
     with compat.enable_x64():
         y_ref, grads_ref = _output_and_grads(lolcats_attention_reference, cast_tree(inputs, jnp.float64), spec, dtype)
@@ -149,7 +150,7 @@ def test_layout_errors_name_values():
     with pytest.raises(ValueError, match="compat"):
         make_layout(LolcatsSpec(compat=True), 100, 128, 128, 64, PallasConfig(), interpret=False)
     lay = make_layout(LolcatsSpec(window="sw", window_size=48), 100, 128, 128, 64, PallasConfig(), False)
-    assert (lay.chunk, lay.num_chunks, lay.block_v) == (64, 2, 64)
+    assert (lay.chunk, lay.num_chunks, lay.block_v, lay.num_segments) == (64, 2, 64, 1)
 
 
 # --------------------------------------------------------------------------------------------- CUDA lowering
@@ -175,6 +176,7 @@ def test_kernels_lower_for_cuda_at_llama_sizes(kw):
         return jnp.sum(forward(q, k, v, fmap, theta).astype(jnp.float32) ** 2)
 
     fwd_text = compat.lower_for_cuda(forward, x, x, x, fmap, theta)
-    assert fwd_text.count(TRITON_CALL) == 1
+    assert fwd_text.count(TRITON_CALL) == 2
     bwd_text = compat.lower_for_cuda(jax.grad(loss, argnums=(0, 1, 2, 3, 4)), x, x, x, fmap, theta)
-    assert bwd_text.count(TRITON_CALL) == 3  # forward (residuals) + dq kernel + dk/dv kernel
+    # forward: segment key states + main kernel; backward adds the dq, segment query states and dk/dv kernels
+    assert bwd_text.count(TRITON_CALL) == 5
