@@ -144,9 +144,11 @@ class BlockConfig:
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
     tasks: tuple[str, ...] = ()
-    limit: int | None = None
+    limit: int | None = None  # documents per task
+    mmlu_limit: int | None = None  # questions per MMLU subject (57 subjects); default: `limit`
     batch_size: int = 8
     perplexity: tuple[str, ...] = ()  # held-out text files
+    task_models: tuple[str, ...] = ("teacher", "distill", "finetune")  # which models the benchmark tasks score
     max_perplexity_tokens: int = 8192
 
 

@@ -16,16 +16,16 @@ from lolcats_jax.train.stages import RunContext, attention_source_stage, load_ba
 
 
 def _models(ctx: RunContext):
-    """(label, loader) for every model this run can provide, in report order."""
+    """(label, key, loader) for every model this run can provide, in report order."""
     cfg = ctx.cfg
-    out = [("softmax teacher", lambda: load_base(ctx, linearize=False))]
+    out = [("softmax teacher", "teacher", lambda: load_base(ctx, linearize=False))]
     if cfg.attention.kind == "lolcats" and (ctx.stage_dir(attention_source_stage(ctx)) / "final").exists():
         def distilled():
             m = load_base(ctx, linearize=True)
             load_stage_params(ctx, m, attention_source_stage(ctx))
             return m
 
-        out.append((f"after attention transfer ({attention_source_stage(ctx)})", distilled))
+        out.append((f"after attention transfer ({attention_source_stage(ctx)})", "distill", distilled))
     if (ctx.stage_dir("finetune") / "final").exists():
         def finetuned():
             m = load_base(ctx, linearize=cfg.attention.kind == "lolcats", lora=cfg.finetune.lora)
@@ -34,7 +34,7 @@ def _models(ctx: RunContext):
             load_stage_params(ctx, m, "finetune")
             return m
 
-        out.append(("after LoRA finetuning", finetuned))
+        out.append(("after LoRA finetuning", "finetune", finetuned))
     return out
 
 
@@ -56,9 +56,9 @@ def run_evaluate(ctx: RunContext) -> dict:
     ev = ctx.cfg.evaluate
     chunk = ctx.cfg.distill.data.chunk_size
     heldout = _heldout_ids(ctx) if ev.perplexity else []
-    tasks = [load_task(name, limit=ev.limit) for name in ev.tasks]
+    tasks = [load_task(name, limit=(ev.mmlu_limit or ev.limit) if name == "mmlu" else ev.limit) for name in ev.tasks]
     results: dict[str, dict] = {}
-    for label, load in _models(ctx):
+    for label, key, load in _models(ctx):
         print(f"[evaluate] {label}", file=sys.stderr, flush=True)
         model = load()
         scorer = Scorer(model)
@@ -66,7 +66,7 @@ def run_evaluate(ctx: RunContext) -> dict:
         if heldout:
             ppl = scorer.perplexity(heldout, chunk, None, ev.batch_size)
             entry["perplexity"] = {"ppl": ppl.ppl, "nll": ppl.nll_per_token, "tokens": ppl.n_tokens}
-        if tasks:
+        if tasks and key in ev.task_models:
             entry["tasks"] = evaluate_tasks(scorer, ctx.tokenizer, tasks, ev.batch_size)
         results[label] = entry
         del model, scorer
