@@ -1,0 +1,1 @@
+"""Benchmarks (`python -m lolcats_jax.bench <subcommand>`): `attention` (attention.py)."""
