@@ -1,0 +1,377 @@
+"""PyTorch model of a linearized (LoLCATS) Llama exported by lolcats_jax; loads with
+`AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`. Self-contained (torch + transformers).
+
+Notation: B batch, T new tokens, N keys held explicitly, H query heads, K kv heads, D head dim, F learned feature
+dim, F' feature dim after the activation (2F for fullspace softmax_dim / exp_dim), W window size.
+
+Attention of a linearized layer (keys/values repeated to the H query heads, post-RoPE, absolute positions i, j):
+s_ij = q_i·k_j/√D, γ = sigmoid(θ_h) (θ = `window_factors`), λ = 1 (or 1 − γ when `affine`), φ = learned feature map,
+window set 𝒲_i and linear set 𝓛_i:
+
+    hybrid  y_i = Σ_j (γ e^{s_ij − c_i}[j∈𝒲_i] + λ φ_q(q_i)·φ_k(k_j)[j∈𝓛_i]) v_j / Σ_j (same),  c_i = max_{j∈𝒲_i} s_ij
+    linear  y_i = Σ_{j≤i} (φ_q(q_i)·φ_k(k_j)) v_j / (Σ_{j≤i} φ_q(q_i)·φ_k(k_j) + 1e-12)
+
+    sw        𝒲_i = {i−W < j ≤ i},                        𝓛_i = {j ≤ i−W}
+    tk        blk(t) = t // W: 𝒲_i = {j ≤ i: blk(j) ≥ blk(i)−1},  𝓛_i = {j ≤ i: blk(j) ≤ blk(i)−2}
+    compat tk blocks aligned to the END of a first (cache-less) call of length T: blk(t) = (t + ⌈T/W⌉W − T) // W, and
+              for T ≤ W every causal key is in both sets (the original implementation's masks); later calls on a
+              cache use the sliding-window sets (the original's decoder).
+
+Recurrent form (`use_cache=True`): every linearized layer keeps the keys/values it still needs explicitly plus the
+state S = Σ φ_k(k_j) v_jᵀ (H, F', D) and z = Σ φ_k(k_j) (H, F') in float32 over all older keys. After each call, keys
+older than the boundary of the last position t are folded into the state: t − W + 1 for sw (a ring of W keys),
+(t // W − 1)·W for tk (up to 2W keys; a whole block enters the state when a new block begins), t + 1 for the linear
+form. Keys below that boundary are linear for every later query, so decoding reproduces the parallel form exactly.
+All attention math is float32; the output is cast to the hidden-state dtype.
+
+Padding is not supported in linearized layers (as in the original): a 2-D attention mask with zeros only affects
+the softmax layers, and a warning is printed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+
+import torch
+from torch import nn
+from transformers import LlamaForCausalLM, LlamaModel, LlamaPreTrainedModel
+from transformers.cache_utils import CacheLayerMixin, DynamicLayer
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+try:  # transformers >= 5: initialisers that skip weights loaded from the checkpoint
+    from transformers import initialization as _init
+except ImportError:  # pragma: no cover
+    _init = nn.init
+
+from .configuration_lolcats import LolcatsLlamaConfig
+
+LINEAR_DENOM_EPS = 1e-12
+FORMS, WINDOWS = ("hybrid", "linear"), ("tk", "sw")
+FEATURE_MAPS = ("softmax_dim", "exp_dim", "relu", "pos_elu")
+
+
+@dataclasses.dataclass(frozen=True)
+class LolcatsSettings:
+    """The `lolcats` section of config.json, checked."""
+
+    form: str
+    window: str
+    window_size: int
+    feature_map: str
+    fullspace: bool
+    feature_dim: int
+    feature_bias: bool
+    eps: float
+    affine: bool
+    compat: bool
+
+    @classmethod
+    def from_config(cls, config: LolcatsLlamaConfig) -> "LolcatsSettings":
+        raw = config.lolcats
+        s = cls(**{f.name: raw[f.name] for f in dataclasses.fields(cls)})
+        for name, allowed in (("form", FORMS), ("window", WINDOWS), ("feature_map", FEATURE_MAPS)):
+            if getattr(s, name) not in allowed:
+                raise ValueError(f"config.json lolcats.{name}={getattr(s, name)!r} must be one of {allowed}")
+        if int(s.window_size) < 1 or int(s.feature_dim) < 1:
+            raise ValueError(f"config.json lolcats.window_size={s.window_size} and feature_dim={s.feature_dim} must be >= 1")
+        return s
+
+    def doubled(self) -> bool:
+        return self.fullspace and self.feature_map in ("softmax_dim", "exp_dim")
+
+    def uses_compat_masks(self) -> bool:
+        return self.compat and self.form == "hybrid" and self.window == "tk"
+
+    def state_boundary(self, last_pos: int) -> int:
+        """Keys at positions below this are linear for every query at position > last_pos (they go to the state)."""
+        if self.form == "linear":
+            return last_pos + 1
+        w = int(self.window_size)
+        if self.window == "sw" or self.compat:  # compat decodes with sliding windows, as the original does
+            return max(0, last_pos - w + 1)
+        return max(0, (last_pos // w - 1) * w)
+
+
+def key_sets(pos_q: torch.Tensor, pos_k: torch.Tensor, s: LolcatsSettings, compat_len: int | None):
+    """Boolean (window, linear) masks (T, N) for absolute query/key positions. `compat_len`: length T of a first,
+    cache-less call (compat tk masks are aligned to its end); None for calls continuing a cache."""
+    i, j = pos_q[:, None], pos_k[None, :]
+    causal = j <= i
+    if s.form == "linear":
+        return torch.zeros_like(causal), causal
+    w = int(s.window_size)
+    if s.window == "sw" or (s.compat and compat_len is None):
+        return causal & (j > i - w), causal & (j <= i - w)
+    offset = 0
+    if s.uses_compat_masks():
+        num_blocks = -(-int(compat_len) // w)
+        if num_blocks <= 1:  # the original's roll(blockdiag, -W) is the identity: both sets on every causal key
+            return causal, causal
+        offset = num_blocks * w - int(compat_len)
+    blk_i, blk_j = torch.div(i + offset, w, rounding_mode="floor"), torch.div(j + offset, w, rounding_mode="floor")
+    return causal & (blk_j >= blk_i - 1), causal & (blk_j <= blk_i - 2)
+
+
+class LolcatsFeatureMap(nn.Module):
+    """φ(x) = act(x·weight[h] + bias[h]), weight (H, D, F), optional bias (H,) (one scalar per head)."""
+
+    def __init__(self, num_heads: int, head_dim: int, s: LolcatsSettings):
+        super().__init__()
+        self.settings = s
+        self.weight = nn.Parameter(torch.zeros(num_heads, head_dim, int(s.feature_dim)))
+        self.bias = nn.Parameter(torch.zeros(num_heads)) if s.feature_bias else None
+
+    def forward(self, x_BHTD: torch.Tensor) -> torch.Tensor:
+        """(B, H, T, D) → (B, H, T, F') in float32."""
+        s = self.settings
+        u = torch.einsum("bhtd,hdf->bhtf", x_BHTD.float(), self.weight.float())
+        if self.bias is not None:
+            u = u + self.bias.float()[None, :, None, None]
+        if s.feature_map == "softmax_dim":
+            parts = [torch.softmax(u, dim=-1)] + ([torch.softmax(-u, dim=-1)] if s.fullspace else [])
+        elif s.feature_map == "exp_dim":
+            parts = [torch.exp(u - u.amax(dim=-1, keepdim=True))]
+            if s.fullspace:
+                parts.append(torch.exp(u.amin(dim=-1, keepdim=True) - u))
+        elif s.feature_map == "relu":
+            parts = [torch.relu(u)]
+        else:
+            parts = [1.0 + nn.functional.elu(u)]
+        phi = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+        return phi.clamp(min=float(s.eps))
+
+
+class LolcatsCacheLayer(CacheLayerMixin):
+    """Recurrent cache of one linearized layer: explicit keys/values (B, K, N, D) from position `key_start`, and the
+    float32 state S (B, H, F', D), z (B, H, F') of every older key. `seen` counts the tokens consumed."""
+
+    is_compileable = False
+    is_croppable = False
+    supports_early_init = False
+    is_sliding = False
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.key_start = 0
+        self.seen = 0
+        self.kv_state: torch.Tensor | None = None  # S
+        self.k_state: torch.Tensor | None = None  # z
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.keys = key_states[..., :0, :]
+        self.values = value_states[..., :0, :]
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Appends keys/values (what `LolcatsAttention` calls before attending); returns all explicit ones."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        return self.keys, self.values
+
+    def fold(self, boundary: int, feature_map_k: LolcatsFeatureMap, groups: int) -> None:
+        """Moves the keys at positions < boundary into the linear state."""
+        m = boundary - self.key_start
+        if m <= 0:
+            return
+        k_old = repeat_kv(self.keys[..., :m, :], groups)
+        v_old = repeat_kv(self.values[..., :m, :], groups).float()
+        f_k = feature_map_k(k_old)  # (B, H, m, F')
+        kv = torch.einsum("bhmf,bhmd->bhfd", f_k, v_old)
+        z = f_k.sum(dim=2)
+        self.kv_state = kv if self.kv_state is None else self.kv_state + kv
+        self.k_state = z if self.k_state is None else self.k_state + z
+        self.keys, self.values = self.keys[..., m:, :], self.values[..., m:, :]
+        self.key_start = boundary
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.keys = self.values = self.kv_state = self.k_state = None
+        self.is_initialized = False
+        self.key_start = self.seen = 0
+
+    def _map_batch(self, fn) -> None:
+        for name in ("keys", "values", "kv_state", "k_state"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, fn(t))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices, ...])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove:
+            raise NotImplementedError("a LoLCATS recurrent state cannot be cropped (no assisted/speculative decoding)")
+
+
+def _cache_layer(cache, layer_idx: int) -> LolcatsCacheLayer:
+    """This layer's slot of a transformers `Cache`, turned into a `LolcatsCacheLayer` on first use."""
+    layers = cache.layers
+    while len(layers) <= layer_idx:
+        layers.append((getattr(cache, "layer_class_to_replicate", None) or DynamicLayer)())
+    layer = layers[layer_idx]
+    if not isinstance(layer, LolcatsCacheLayer):
+        if getattr(layer, "is_initialized", False) and layer.get_seq_length() > 0:
+            raise ValueError(f"cache layer {layer_idx} already holds a softmax KV cache; pass a fresh cache")
+        layer = LolcatsCacheLayer()
+        layers[layer_idx] = layer
+    return layer
+
+
+def lolcats_attend(q, k, v, f_q, f_k, gamma_H, lam_H, window, linear, kv_state, k_state, form: str):
+    """y (B, H, T, D) float32 from float32 q (B,H,T,D), keys/values (B,H,N,D), features (B,H,T|N,F'), masks (T, N)
+    and the optional state of older keys (S (B,H,F',D), z (B,H,F'))."""
+    lin_w = torch.einsum("bhtf,bhnf->bhtn", f_q, f_k).masked_fill(~linear, 0.0)
+    if form == "linear":
+        num, den, extra = lin_w @ v, lin_w.sum(-1), LINEAR_DENOM_EPS
+        lam = torch.ones_like(gamma_H)[None, :, None]
+    else:
+        s = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        s = s.masked_fill(~window, float("-inf"))
+        c = s.amax(dim=-1, keepdim=True)  # every query's own key is in its window
+        p = gamma_H[None, :, None, None] * torch.exp(s - c) + lam_H[None, :, None, None] * lin_w
+        num, den, extra = p @ v, p.sum(-1), 0.0
+        lam = lam_H[None, :, None]
+    if kv_state is not None:
+        num = num + lam[..., None] * torch.einsum("bhtf,bhfd->bhtd", f_q, kv_state)
+        den = den + lam * torch.einsum("bhtf,bhf->bht", f_q, k_state)
+    return num / (den + extra)[..., None]
+
+
+class LolcatsAttention(nn.Module):
+    """Drop-in replacement for `LlamaAttention` in a linearized layer (same q/k/v/o projections and RoPE)."""
+
+    def __init__(self, config: LolcatsLlamaConfig, layer_idx: int):
+        super().__init__()
+        self.config, self.layer_idx = config, layer_idx
+        self.settings = LolcatsSettings.from_config(config)
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        H, K, E = config.num_attention_heads, config.num_key_value_heads, config.hidden_size
+        self.num_key_value_groups = H // K
+        bias = bool(getattr(config, "attention_bias", False))
+        self.q_proj = nn.Linear(E, H * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(E, K * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(E, K * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(H * self.head_dim, E, bias=bias)
+        self.feature_map_q = LolcatsFeatureMap(H, self.head_dim, self.settings)
+        self.feature_map_k = LolcatsFeatureMap(H, self.head_dim, self.settings)
+        self.window_factors = nn.Parameter(torch.zeros(H))  # logits θ: γ = sigmoid(θ)
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
+        if cache is None:
+            cache = kwargs.get("past_key_values", kwargs.get("past_key_value"))
+        s, G = self.settings, self.num_key_value_groups
+        B, T, _ = hidden_states.shape
+        shape = (B, T, -1, self.head_dim)
+        q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
+        k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        _warn_if_padded(attention_mask)
+
+        layer = None if cache is None else _cache_layer(cache, self.layer_idx)
+        start = 0 if layer is None else layer.seen
+        key_start = 0 if layer is None else layer.key_start
+        if layer is not None:
+            k, v = layer.update(k, v)
+        device = q.device
+        pos_q = torch.arange(start, start + T, device=device)
+        pos_k = torch.arange(key_start, start + T, device=device)
+        window, linear = key_sets(pos_q, pos_k, s, compat_len=T if start == 0 else None)
+
+        k_rep, v_rep = repeat_kv(k, G).float(), repeat_kv(v, G).float()
+        f_q, f_k = self.feature_map_q(q), self.feature_map_k(k_rep)
+        gamma = torch.sigmoid(self.window_factors.float())
+        lam = 1.0 - gamma if s.affine else torch.ones_like(gamma)
+        kv_state = None if layer is None else layer.kv_state
+        k_state = None if layer is None else layer.k_state
+        y = lolcats_attend(q.float(), k_rep, v_rep, f_q, f_k, gamma, lam, window, linear, kv_state, k_state, s.form)
+
+        if layer is not None:
+            layer.seen = start + T
+            layer.fold(s.state_boundary(start + T - 1), self.feature_map_k, G)
+        y = y.to(hidden_states.dtype).transpose(1, 2).reshape(B, T, -1)
+        return self.o_proj(y), None
+
+
+_warned_padding = False
+
+
+def _warn_if_padded(attention_mask) -> None:
+    """Warns once if the mask hides a causal key (padding): linearized layers attend to it anyway."""
+    global _warned_padding
+    if _warned_padding or not isinstance(attention_mask, torch.Tensor):
+        return
+    if attention_mask.dim() == 2:
+        padded = bool((attention_mask == 0).any())
+    elif attention_mask.dim() == 4:  # (B, 1, T, N) boolean (True = attend) or additive float mask
+        allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+        T, N = allowed.shape[-2:]
+        i = torch.arange(T, device=allowed.device)[:, None] + (N - T)
+        causal = torch.arange(N, device=allowed.device)[None, :] <= i
+        padded = bool((causal & ~allowed).any())
+    else:
+        return
+    if padded:
+        _warned_padding = True
+        warnings.warn("LoLCATS layers ignore the attention mask: padded batches attend to padding tokens")
+
+
+class LolcatsLlamaPreTrainedModel(LlamaPreTrainedModel):
+    config_class = LolcatsLlamaConfig
+    _keep_in_fp32_modules_strict = ["feature_map_q", "feature_map_k", "window_factors"]
+    _supports_flex_attn = False
+    _can_compile_fullgraph = False
+
+    def _init_weights(self, module):
+        if isinstance(module, LolcatsFeatureMap):
+            _init.copy_(module.weight, torch.eye(*module.weight.shape[1:]).expand_as(module.weight))
+            if module.bias is not None:
+                _init.zeros_(module.bias)
+        elif isinstance(module, LolcatsAttention):
+            _init.constant_(module.window_factors, -2.1972245773362196)  # γ = 0.1
+        else:
+            super()._init_weights(module)
+
+
+def _linearize_layers(model: LlamaModel, config: LolcatsLlamaConfig) -> None:
+    for i, kind in enumerate(config.layer_kinds()):
+        if kind == "lolcats":
+            model.layers[i].self_attn = LolcatsAttention(config, i)
+
+
+class LolcatsLlamaModel(LolcatsLlamaPreTrainedModel, LlamaModel):
+    def __init__(self, config: LolcatsLlamaConfig):
+        LlamaModel.__init__(self, config)
+        _linearize_layers(self, config)
+        self.post_init()
+
+
+class LolcatsLlamaForCausalLM(LolcatsLlamaPreTrainedModel, LlamaForCausalLM):
+    def __init__(self, config: LolcatsLlamaConfig):
+        LlamaForCausalLM.__init__(self, config)
+        _linearize_layers(self.model, config)
+        self.post_init()
+
+
+__all__ = ["LolcatsLlamaForCausalLM", "LolcatsLlamaModel", "LolcatsLlamaPreTrainedModel", "LolcatsAttention",
+           "LolcatsCacheLayer", "LolcatsFeatureMap", "LolcatsSettings", "key_sets", "lolcats_attend"]
