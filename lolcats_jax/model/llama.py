@@ -236,13 +236,23 @@ class Llama(nnx.Module):
 
     # ------------------------------------------------------------------------------------------ forward
 
-    def run_layers(self, x_BTE: jax.Array, positions_BT: jax.Array, mode: str = "forward", **mode_kw) -> tuple[jax.Array, list]:
-        """Runs every layer; returns the final hidden states and, per layer, the `aux` the mode produces."""
+    def run_layers(
+        self, x_BTE: jax.Array, positions_BT: jax.Array, mode: str = "forward", *, layers: tuple[int, int] | None = None, **mode_kw
+    ) -> tuple[jax.Array, list]:
+        """Runs every layer (or only layers [start, stop) when `layers` is given, `x_BTE` then being the hidden
+        states entering layer `start`); returns the last hidden states and, per layer run, the mode's `aux`."""
         from lolcats_jax.model import layer  # local import: layer imports this module's helpers
 
+        lo, hi = (0, self.cfg.num_layers) if layers is None else layers
+        if not 0 <= lo < hi <= self.cfg.num_layers:
+            raise ValueError(f"layers={layers} is not a non-empty range within 0..{self.cfg.num_layers}")
         ctx = self._ctx(positions_BT)
         per_layer: list = [None] * self.cfg.num_layers
         for seg in segments_of(self.kinds):
+            start, stop = max(seg.start, lo), min(seg.stop, hi)
+            if start >= stop:
+                continue
+            seg = Segment(seg.kind, start, stop, seg.lin_start + start - seg.start)
             params = self._segment_params(seg)
             body = layer.make_body(ctx, seg.kind, mode, **mode_kw)
             if self.opts.remat:
@@ -250,7 +260,7 @@ class Llama(nnx.Module):
             x_BTE, aux = jax.lax.scan(body, x_BTE, params)
             for j in range(seg.stop - seg.start):
                 per_layer[seg.start + j] = jax.tree.map(lambda a: a[j], aux)
-        return x_BTE, per_layer
+        return x_BTE, per_layer[lo:hi]
 
     def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None) -> jax.Array:
         """Logits (B, T, V) in float32."""

@@ -13,7 +13,7 @@ def main(argv=None) -> int:
     ap.add_argument("--config", required=True, help="YAML config (see configs/)")
     ap.add_argument("--stage", default=None, help="run only this stage (even if already finished)")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. distill.max_steps=10")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # overrides may follow --stage (e.g. `--stage distill_block block.index=3`)
     setup_logging()
     from lolcats_jax.config import load_config
 

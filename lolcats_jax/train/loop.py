@@ -55,11 +55,16 @@ class LoopResult:
     resumed_from: int | None
 
 
+BATCH_KEYS = ("input_ids", "labels", "hidden")  # "hidden": (…, T, E) block inputs of the block-wise stage
+
+
 def _to_global(batch: dict[str, np.ndarray], sharding, leading: tuple[int, ...]) -> dict[str, jax.Array]:
     out = {}
-    for k in ("input_ids", "labels"):
+    for k in BATCH_KEYS:
+        if k not in batch:
+            continue
         x = np.asarray(batch[k])
-        x = x.reshape(*leading, x.shape[-1])
+        x = x.reshape(*leading, *x.shape[1:])
         out[k] = jax.make_array_from_process_local_data(sharding, x)
     return out
 
@@ -71,11 +76,11 @@ def evaluate_loss(evaluate, trainable, frozen, val_batches: Callable[[], Iterabl
     for i, batch in enumerate(val_batches()):
         if max_batches is not None and i >= max_batches:
             break
-        b = np.asarray(batch["input_ids"]).shape[0]
+        b = np.asarray(next(batch[k] for k in BATCH_KEYS if k in batch)).shape[0]
         metrics = evaluate(trainable, frozen, _to_global(batch, sharding, (b,)))
         for k, v in jax.device_get(metrics).items():
             if np.asarray(v).size == 1:
-                sums[k] = sums.get(k, 0.0) + float(v)
+                sums[k] = sums.get(k, 0.0) + float(np.asarray(v).reshape(()))  # (1,) per-layer metrics too
         n += 1
     if n == 0:
         raise UserError("the validation split produced no batch (too little validation data for one batch?)")

@@ -24,6 +24,12 @@ def distill_loss(model: Llama, batch: dict, *, mse_factor: float, xent_factor: f
     B, T = tokens_BT.shape
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     _, per_layer = model.run_layers(model.embed_tokens(tokens_BT), positions, mode="distill", xent=xent_factor > 0)
+    return distill_objective(per_layer, mse_factor=mse_factor, xent_factor=xent_factor)
+
+
+def distill_objective(per_layer: list, *, mse_factor: float, xent_factor: float) -> tuple[jax.Array, dict]:
+    """The attention-transfer loss and metrics from the per-layer `aux` of a teacher-forced ("distill") run
+    (shared by the joint stage and the block-wise one, which runs only a block's layers)."""
     mse_L = jnp.stack([a["mse"] for a in per_layer if "mse" in a])
     mse = jnp.mean(mse_L)
     loss = mse_factor * mse

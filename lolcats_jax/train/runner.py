@@ -109,7 +109,8 @@ def run(cfg: Config, config_path: str | None = None, only_stage: str | None = No
             print(f"[run] stage '{s}' starting", file=sys.stderr, flush=True)
             summary = fns[s](ctx)
             summary = dict(summary or {}, seconds=round(time.perf_counter() - t0, 1))
-            mark_done(ctx, s, summary)
+            if not summary.get("partial"):  # e.g. distill_block of one block: the stage as a whole is not done
+                mark_done(ctx, s, summary)
             results[s] = summary
             print(f"[run] stage '{s}' finished in {summary['seconds']}s", file=sys.stderr, flush=True)
     if ctx.is_main:
