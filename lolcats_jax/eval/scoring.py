@@ -1,0 +1,218 @@
+"""Log-likelihood of continuations and perplexity of held-out text, batched, length-bucketed and jitted.
+
+A token request (context_ids, continuation_ids) is scored as lm-evaluation-harness scores it: ONE forward over
+
+    input = (context_ids + continuation_ids)[-(max_length + 1):][:-1]
+
+whose last len(continuation_ids) positions predict the continuation; the result is (Σ log p(continuation token),
+whether every continuation token is the argmax). Inputs are right-padded (causal attention: padding at the end
+never reaches a real position) to a few bucket lengths (powers of two, then multiples of 256), so a whole
+benchmark compiles a handful of shapes. Requests whose inputs are identical (MMLU's four one-token answers after one shared prompt) share one
+row of the forward. Only the scored positions go through the LM head, so memory is O(rows · T · E), not O(T · V).
+
+Exception: LoLCATS layers with the original end-aligned "tk" masks (`attention.compat: true`) make every
+position depend on the total length (reference §3.4), so for such models inputs are never padded: rows are
+batched only with inputs of exactly the same length (more compilations, the original's numbers).
+
+Under a mesh (passed in, or the current `jax.set_mesh` context) the rows are sharded over ("data", "fsdp")
+like every activation of the model; otherwise everything runs on the default device.
+
+Notation: U input rows, T padded input length, R scored requests, K scored positions per request, E hidden
+size, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lolcats_jax import compat
+from lolcats_jax.eval.encoding import TokenRequest
+from lolcats_jax.sharding import logical_to_spec
+
+MIN_INPUT_BUCKET = 32
+COARSE_STEP = 256  # input buckets: powers of two up to this, then its multiples (MMLU prompts: 300–2000 tokens)
+MIN_SCORED_BUCKET = 16
+
+
+def bucket(n: int, minimum: int, maximum: int | None = None) -> int:
+    """The smallest power of two ≥ max(n, minimum), capped at `maximum`."""
+    b = 1 << max(0, math.ceil(math.log2(max(n, minimum, 1))))
+    return min(b, maximum) if maximum is not None else b
+
+
+def input_bucket(n: int, max_length: int) -> int:
+    """Padded input length: a power of two (≥ 32) up to 256, then a multiple of 256; never above max_length."""
+    b = bucket(n, MIN_INPUT_BUCKET) if n <= COARSE_STEP else -(-n // COARSE_STEP) * COARSE_STEP
+    return min(b, max_length)
+
+
+def length_dependent(model) -> bool:
+    """True when padding would change the model's outputs (LoLCATS layers with end-aligned compat tk masks)."""
+    if "lolcats" not in tuple(getattr(model, "kinds", ())):
+        return False
+    return bool(model.opts.lolcats.spec().uses_compat_masks)
+
+
+def _current_mesh() -> jax.sharding.Mesh | None:
+    mesh = jax.sharding.get_mesh()
+    return None if mesh is None or mesh.empty else mesh
+
+
+@dataclasses.dataclass(frozen=True)
+class PerplexityResult:
+    """Token-level perplexity over non-overlapping windows (the first token of the text is never predicted)."""
+
+    n_tokens: int  # tokens predicted
+    n_windows: int
+    chunk_len: int
+    nll_per_token: float
+    ppl: float
+
+    def as_dict(self) -> dict[str, float | int]:
+        return dataclasses.asdict(self)
+
+
+class Scorer:
+    """Holds a model's (graphdef, state) and the jitted scoring function (compiled once per bucket shape).
+
+    The state is captured at construction: build a new Scorer after changing the model's weights.
+    """
+
+    def __init__(self, model, *, max_length: int | None = None, mesh: jax.sharding.Mesh | None = None):
+        self.graphdef, self.state = nnx.split(model)
+        self.max_length = int(max_length or model.cfg.max_position_embeddings)
+        self.mesh = mesh
+        self.exact_lengths = length_dependent(model)
+        graphdef = self.graphdef
+
+        @jax.jit
+        def score(state, tokens_UT, rows_R, starts_R, targets_RK):
+            net = nnx.merge(graphdef, state)
+            U, T = tokens_UT.shape
+            positions_UT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (U, T))
+            x_UTE, _ = net.run_layers(net.embed_tokens(tokens_UT), positions_UT)
+            K = targets_RK.shape[1]
+            pos_RK = jnp.minimum(starts_R[:, None] + jnp.arange(K, dtype=jnp.int32), T - 1)
+            h_RKE = x_UTE[rows_R[:, None], pos_RK]
+            logits_RKV = net.logits(h_RKE)
+            logp_RK = jnp.take_along_axis(logits_RKV, targets_RK[..., None], axis=-1)[..., 0]
+            logp_RK = logp_RK - jax.nn.logsumexp(logits_RKV, axis=-1)
+            greedy_RK = jnp.argmax(logits_RKV, axis=-1) == targets_RK
+            return logp_RK, greedy_RK
+
+        self._score = score
+
+    # ------------------------------------------------------------------------------------------ batches
+
+    def _padded_length(self, n: int) -> int:
+        return n if self.exact_lengths else input_bucket(n, self.max_length)
+
+    def _put(self, mesh, array: np.ndarray, axes: tuple[str | None, ...]) -> jax.Array:
+        if mesh is None:
+            return jnp.asarray(array)
+        spec = logical_to_spec(axes, mesh, array.shape)
+        return jax.device_put(array, jax.sharding.NamedSharding(mesh, spec))
+
+    def _run_batch(self, mesh, inputs: list[tuple[int, ...]], reqs: list[tuple[int, int, list[int]]], max_rows: int):
+        """inputs: the unique input rows; reqs: (row, start, targets). Returns per-request (logprob sum, greedy).
+        Rows are padded to a power of two (at most `max_rows`, then to a multiple of the mesh's batch axes)."""
+        multiple = 1 if mesh is None else int(mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1))
+        U = -(-bucket(len(inputs), 1, max_rows) // multiple) * multiple
+        T = self._padded_length(max(len(x) for x in inputs))
+        R = U * bucket(-(-len(reqs) // U), 1)
+        K = bucket(max(len(t) for _, _, t in reqs), MIN_SCORED_BUCKET, T)
+        tokens = np.zeros((U, T), np.int32)
+        for u, x in enumerate(inputs):
+            tokens[u, : len(x)] = x
+        rows, starts, targets = np.zeros(R, np.int32), np.zeros(R, np.int32), np.zeros((R, K), np.int32)
+        for r, (row, start, tgt) in enumerate(reqs):
+            rows[r], starts[r] = row, start
+            targets[r, : len(tgt)] = tgt
+        args = (self._put(mesh, tokens, ("batch", "seq")), self._put(mesh, rows, ("batch",)),
+                self._put(mesh, starts, ("batch",)), self._put(mesh, targets, ("batch", "seq")))
+        logp_RK, greedy_RK = self._score(self.state, *args)
+        logp_RK, greedy_RK = np.asarray(logp_RK, np.float64), np.asarray(greedy_RK)
+        return [(float(logp_RK[r, : len(t)].sum()), bool(greedy_RK[r, : len(t)].all())) for r, (_, _, t) in enumerate(reqs)]
+
+    def _group_by_input(self, requests: Sequence[TokenRequest]) -> dict[tuple[int, ...], list[tuple[int, int, list[int]]]]:
+        """input row → [(request index, first scored position, continuation ids)], truncated as the harness does."""
+        by_input: dict[tuple[int, ...], list[tuple[int, int, list[int]]]] = {}
+        for i, (ctx, cont) in enumerate(requests):
+            cont = list(cont)
+            inp = tuple((list(ctx) + cont)[-(self.max_length + 1) :][:-1])
+            if not cont or len(cont) > len(inp):
+                raise ValueError(
+                    f"request {i}: {len(cont)} continuation tokens cannot be scored with {len(inp)} input tokens "
+                    f"(max_length {self.max_length}; the continuation needs at least one context token before it)"
+                )
+            by_input.setdefault(inp, []).append((i, len(inp) - len(cont), cont))
+        return by_input
+
+    def loglikelihoods(self, requests: Sequence[TokenRequest], batch_size: int = 8) -> list[tuple[float, bool]]:
+        """(Σ log p(continuation | context), is_greedy) for every request, in input order."""
+        if batch_size < 1:
+            raise ValueError(f"{batch_size=} must be ≥ 1")
+        by_input = self._group_by_input(requests)
+        # longest inputs first (a batch that does not fit in memory fails at once); a batch never mixes buckets
+        order = sorted(by_input, key=lambda x: (-len(x), x))
+        results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+        mesh = self.mesh if self.mesh is not None else _current_mesh()
+        enter_mesh = self.mesh is not None and _current_mesh() is None
+        with compat.set_mesh(mesh) if enter_mesh else contextlib.nullcontext():
+            start = 0
+            while start < len(order):
+                T = self._padded_length(len(order[start]))
+                stop = start + 1
+                while stop < len(order) and stop - start < batch_size and self._padded_length(len(order[stop])) == T:
+                    stop += 1
+                inputs = order[start:stop]
+                flat = [(u, i, s, cont) for u, x in enumerate(inputs) for i, s, cont in by_input[x]]
+                scored = self._run_batch(mesh, inputs, [(u, s, cont) for u, _, s, cont in flat], batch_size)
+                for (_, i, _, _), res in zip(flat, scored):
+                    results[i] = res
+                start = stop
+        return results
+
+    # ------------------------------------------------------------------------------------------ perplexity
+
+    def perplexity(self, token_ids: Sequence[int], chunk_len: int = 512, max_tokens: int | None = None,
+                   batch_size: int = 8) -> PerplexityResult:
+        """Perplexity of `token_ids[:max_tokens]` in non-overlapping windows of `chunk_len` predicted tokens.
+
+        Window w feeds tokens [w·L, (w+1)·L) and predicts tokens [w·L + 1, (w+1)·L + 1): every token but the
+        first is predicted exactly once, with the context reset at each window boundary.
+        """
+        if not 1 <= chunk_len <= self.max_length:
+            raise ValueError(f"{chunk_len=} must be in [1, max_length={self.max_length}]")
+        ids = list(token_ids)[: max_tokens if max_tokens else None]
+        if len(ids) < 2:
+            raise ValueError(f"perplexity needs at least 2 tokens, got {len(ids)}")
+        windows = [ids[s : s + chunk_len + 1] for s in range(0, len(ids) - 1, chunk_len)]
+        scored = self.loglikelihoods([(w[:1], w[1:]) for w in windows], batch_size)
+        n = sum(len(w) - 1 for w in windows)
+        nll = -sum(lp for lp, _ in scored) / n
+        return PerplexityResult(n_tokens=n, n_windows=len(windows), chunk_len=chunk_len, nll_per_token=nll, ppl=math.exp(nll))
+
+
+def _scorer(model_or_scorer) -> Scorer:
+    return model_or_scorer if isinstance(model_or_scorer, Scorer) else Scorer(model_or_scorer)
+
+
+def loglikelihoods(model, requests: Sequence[TokenRequest], batch_size: int = 8) -> list[tuple[float, bool]]:
+    """(Σ log p(continuation | context), is_greedy) per token request, in input order. `model` is a Llama or a
+    Scorer (reuse one Scorer across calls to reuse its compiled shapes)."""
+    return _scorer(model).loglikelihoods(requests, batch_size)
+
+
+def perplexity(model, token_ids: Sequence[int], chunk_len: int = 512, max_tokens: int | None = None,
+               batch_size: int = 8) -> PerplexityResult:
+    """Token-level perplexity of held-out text; see `Scorer.perplexity`."""
+    return _scorer(model).perplexity(token_ids, chunk_len, max_tokens, batch_size)

