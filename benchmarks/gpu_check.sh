@@ -28,5 +28,5 @@ cat "$OUT/pip.log"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false  # the benchmark reads memory per cell; allocate on demand
 nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1 || true
-timeout 570 "$PY" benchmarks/gpu_check.py --out "$OUT" --bench-seconds "${BENCH_SECONDS:-200}" 2>&1 | tee "$OUT/gpu_check.log"
+timeout 570 "$PY" benchmarks/gpu_check.py --out "$OUT" --bench-seconds "${BENCH_SECONDS:-240}" 2>&1 | tee "$OUT/gpu_check.log"
 exit "${PIPESTATUS[0]}"

@@ -20,11 +20,11 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from kernels.lolcats.api import register_backend
 from kernels.lolcats.feature_maps import window_factors
 from kernels.lolcats.pallas_hybrid_bwd import backward_call
 from kernels.lolcats.pallas_hybrid_fwd import forward_call
 from kernels.lolcats.pallas_tiles import KernelLayout
-from kernels.lolcats.api import register_backend
 from kernels.lolcats.spec import LINEAR_DENOM_EPS, Backend, FeatureMapParams, LolcatsSpec
 
 MIN_TILE = 16  # Triton tensor-core dots need every tile dim ≥ 16

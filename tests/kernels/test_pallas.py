@@ -97,6 +97,21 @@ def test_pallas_interpret_matches_reference_bfloat16(case):
     _check(case, jnp.bfloat16)
 
 
+@SLOW
+def test_value_dim_differs_from_head_dim():
+    """Dv = 32 ≠ D = 16, two value tiles in the forward, two segments."""
+    spec = LolcatsSpec(window="sw", window_size=16)
+    q, k, _, fmap, theta = make_inputs(6, 1, 70, 2, 16, 8)
+    v = jax.random.normal(jax.random.PRNGKey(7), (1, 70, 2, 32))
+    kernel = functools.partial(pallas_lolcats_attention,
+                               config=PallasConfig(chunk=16, seg_chunks=2, block_v=16, interpret=True))
+    y, grads = _output_and_grads(kernel, (q, k, v, fmap, theta), spec, jnp.float32)
+    y_ref, grads_ref = _output_and_grads(lolcats_attention_reference, (q, k, v, fmap, theta), spec, jnp.float32)
+    assert y.shape == (1, 70, 2, 32) and rel_rms(y, y_ref) < 1e-5
+    errs = grad_errors(grads, grads_ref)
+    assert errs.pop("theta") < 1e-4 and max(errs.values()) < 1e-5, errs
+
+
 def test_triton_backend_refuses_clearly_without_gpu():
     from kernels.lolcats.triton_hybrid import triton_lolcats_attention
 
