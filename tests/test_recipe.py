@@ -53,22 +53,22 @@ def _final_params(run_dir: Path, stage: str) -> dict:
 
 def test_killed_run_resumes_bit_identical(tiny, tmp_path):
     model_dir, data_dir = tiny
-    stages = "run.stages=[distill]"
+    stages = ["run.stages=[distill]", "distill.max_steps=16", "distill.eval_every=8"]  # room to kill it mid-stage
     ref_dir, kill_dir = tmp_path / "ref", tmp_path / "killed"
-    subprocess.run(_train_cmd(tiny_overrides(model_dir, data_dir, ref_dir) + [stages]), env=_env(), check=True, cwd=REPO,
+    subprocess.run(_train_cmd(tiny_overrides(model_dir, data_dir, ref_dir) + stages), env=_env(), check=True, cwd=REPO,
                    capture_output=True)
-    proc = subprocess.Popen(_train_cmd(tiny_overrides(model_dir, data_dir, kill_dir) + [stages]), env=_env(), cwd=REPO,
+    proc = subprocess.Popen(_train_cmd(tiny_overrides(model_dir, data_dir, kill_dir) + stages), env=_env(), cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = kill_dir / "distill" / "checkpoints"
     deadline = time.time() + 300
     while time.time() < deadline and not (ckpt.exists() and any(p.name.isdigit() for p in ckpt.iterdir())):
         if proc.poll() is not None:
             pytest.fail(f"the run ended before its first checkpoint (exit {proc.returncode})")
-        time.sleep(0.2)
+        time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (kill_dir / "distill" / "done.json").exists(), "the run finished before it could be killed"
-    res = subprocess.run(_train_cmd(tiny_overrides(model_dir, data_dir, kill_dir) + [stages]), env=_env(), cwd=REPO,
+    res = subprocess.run(_train_cmd(tiny_overrides(model_dir, data_dir, kill_dir) + stages), env=_env(), cwd=REPO,
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resuming from step" in res.stderr
