@@ -95,6 +95,19 @@ def make_layout(spec: LolcatsSpec, T: int, D: int, Dv: int, F: int, cfg: PallasC
         num_warps_fwd=cfg.num_warps_fwd, num_warps_bwd=cfg.num_warps_bwd, num_stages=cfg.num_stages)
 
 
+def unsupported_reason(spec: LolcatsSpec, q_shape, v_shape, feature_dim: int, config: PallasConfig = PallasConfig()
+                       ) -> str | None:
+    """None if these kernels run `spec` at these shapes (compiled, not interpreted), else why not — for a caller
+    such as Backend.AUTO resolution that prefers falling back to the chunked backend over an error."""
+    if spec.form == "softmax":
+        return None
+    try:
+        make_layout(spec, q_shape[1], q_shape[-1], v_shape[-1], feature_dim, config, interpret=False)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
 # --------------------------------------------------------------------------------------------- custom_vjp op
 
 

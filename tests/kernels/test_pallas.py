@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from lolcats_testutil import cast_tree, grad_errors, make_inputs, rel_rms
 
 from kernels.lolcats import Backend, FeatureMapParams, LolcatsSpec, lolcats_attention, lolcats_attention_reference
-from kernels.lolcats.pallas_hybrid import PallasConfig, make_layout, pallas_lolcats_attention
+from kernels.lolcats.pallas_hybrid import PallasConfig, make_layout, pallas_lolcats_attention, unsupported_reason
 from kernels.lolcats.pallas_tiles import KernelLayout, key_set_tile
 from kernels.lolcats.spec import key_sets
 from lolcats_jax import compat
@@ -177,6 +177,8 @@ def test_layout_errors_name_values():
         make_layout(LolcatsSpec(), 100, 96, 128, 64, PallasConfig(), interpret=False)
     with pytest.raises(ValueError, match="compat"):
         make_layout(LolcatsSpec(compat=True), 100, 128, 128, 64, PallasConfig(), interpret=False)
+    assert unsupported_reason(LolcatsSpec(), (1, 100, 4, 128), (1, 100, 4, 128), 64) is None
+    assert "F=8" in unsupported_reason(LolcatsSpec(), (1, 100, 4, 64), (1, 100, 4, 64), 8)
     lay = make_layout(LolcatsSpec(window="sw", window_size=48), 100, 128, 128, 64, PallasConfig(), False)
     assert (lay.chunk, lay.num_chunks, lay.block_v, lay.num_segments) == (64, 2, 64, 1)
 
