@@ -84,12 +84,12 @@ def test_killed_run_resumes_bit_identical(tiny, tmp_path):
 def test_full_recipe_and_stage_skipping(tiny, tmp_path):
     model_dir, data_dir = tiny
     run_dir = tmp_path / "run"
-    over = tiny_overrides(model_dir, data_dir, run_dir) + ["run.stages=[distill,finetune,evaluate]"]
+    over = tiny_overrides(model_dir, data_dir, run_dir) + ["run.stages=[distill,finetune,evaluate,export]"]
     res = subprocess.run(_train_cmd(over), env=_env(), cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
     report = (run_dir / "report.md").read_text()
     assert "softmax teacher" in report and "after LoRA finetuning" in report and "Held-out perplexity" in report
-    for f in ("config.yaml", "metrics.jsonl", "plots/distill_loss.png", "plots/finetune_loss.png", "evaluate/results.json"):
+    for f in ("export/hf/config.json", "export/hf/model.safetensors", "config.yaml", "metrics.jsonl", "plots/distill_loss.png", "plots/finetune_loss.png", "evaluate/results.json"):
         assert (run_dir / f).exists(), f
     assert list((run_dir / "tensorboard").rglob("events.out.tfevents*"))
     # each stage changed only its own parameters
@@ -106,7 +106,7 @@ def test_full_recipe_and_stage_skipping(tiny, tmp_path):
     np.testing.assert_array_equal(np.asarray(model.lolcats.fmap_q[...]), distill["lolcats/fmap_q"])
     # a second run skips every finished stage
     res2 = subprocess.run(_train_cmd(over), env=_env(), cwd=REPO, capture_output=True, text=True)
-    assert res2.returncode == 0 and res2.stderr.count("already finished") == 3, res2.stderr[-2000:]
+    assert res2.returncode == 0 and res2.stderr.count("already finished") == 4, res2.stderr[-2000:]
 
 
 def test_two_processes_match_one(tiny, tmp_path):
