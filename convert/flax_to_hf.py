@@ -22,7 +22,7 @@ import json
 import shutil
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
@@ -107,28 +107,42 @@ def export_hf(
             s.get()
         return []
 
-    created_dir = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-    try:
+    def write(written: list[Path]) -> None:
         written += write_sharded(out, specs, max_shard_size=max_shard_size)
         config = _hf_config(model, specs[0].dtype)
         write_atomic(out / "config.json", (json.dumps(config, indent=2) + "\n").encode())
         written.append(out / "config.json")
         for f in tok_files:
-            tmp = out / f".{f.name}.tmp"
-            shutil.copyfile(f, tmp)
-            tmp.replace(out / f.name)
-            written.append(out / f.name)
+            _copy(f, out / f.name, written)
+
+    return _write_dir(out, write)
+
+
+def _write_dir(out: Path, write: Callable[[list[Path]], None]) -> list[Path]:
+    """Runs `write(written)` into the new/empty directory `out`; on failure removes what it wrote."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConversionError(f"{out}: exists and is not an empty directory; refusing to overwrite")
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    try:
+        write(written)
     except BaseException:
         for p in written:
             p.unlink(missing_ok=True)
         for p in out.glob(".*.tmp*"):
             p.unlink(missing_ok=True)
-        if created_dir and not any(out.iterdir()):
+        if created and not any(out.iterdir()):
             out.rmdir()
         raise
     return written
+
+
+def _copy(src: Path, dst: Path, written: list[Path]) -> None:
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.copyfile(src, tmp)
+    tmp.replace(dst)
+    written.append(dst)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -34,7 +34,7 @@ import jax
 import numpy as np
 
 from convert.errors import ConversionError
-from convert.flax_to_hf import TOKENIZER_FILES, _param, _to_host
+from convert.flax_to_hf import TOKENIZER_FILES, _copy, _param, _to_host, _write_dir
 from convert.keymap import param_maps
 from convert.safetensors_io import TensorSpec, write_atomic, write_sharded
 from lolcats_jax.model import Llama
@@ -143,33 +143,6 @@ def _tokenizer_files(tokenizer_dir: str | Path | None) -> list[Path]:
     if not files:
         raise ConversionError(f"{src}: no tokenizer files (looked for {list(TOKENIZER_FILES)})")
     return files
-
-
-def _write_dir(out: Path, write: Callable[[list[Path]], None]) -> list[Path]:
-    """Runs `write(written)` into the new/empty directory `out`; on failure removes what it wrote."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConversionError(f"{out}: exists and is not an empty directory; refusing to overwrite")
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-    try:
-        write(written)
-    except BaseException:
-        for p in written:
-            p.unlink(missing_ok=True)
-        for p in out.glob(".*.tmp*"):
-            p.unlink(missing_ok=True)
-        if created and not any(out.iterdir()):
-            out.rmdir()
-        raise
-    return written
-
-
-def _copy(src: Path, dst: Path, written: list[Path]) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.copyfile(src, tmp)
-    tmp.replace(dst)
-    written.append(dst)
 
 
 def export_linearized(
