@@ -146,10 +146,13 @@ class EvalConfig:
     tasks: tuple[str, ...] = ()
     limit: int | None = None  # documents per task
     mmlu_limit: int | None = None  # questions per MMLU subject (57 subjects); default: `limit`
+    mmlu_subjects: int | None = None  # score only this many MMLU subjects, evenly spaced (CPU subsets); None: all 57
     batch_size: int = 8
     perplexity: tuple[str, ...] = ()  # held-out text files
     task_models: tuple[str, ...] = ("teacher", "distill", "finetune")  # which models the benchmark tasks score
     max_perplexity_tokens: int = 8192
+    attention_mse_batches: int = 6  # distill validation batches for the attention MSE of linearized models (0: off)
+    compare_runs: tuple[str, ...] = ()  # other run dirs whose evaluate results the report puts beside this run's
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,6 +32,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--task-file", action="append", default=[], metavar="F.jsonl",
                     help='multiple-choice task as JSONL records {"context": str, "choices": [str, ...], "gold": int} (repeatable)')
     ap.add_argument("--limit", type=int, default=None, help="first N documents per task (per subject for MMLU)")
+    ap.add_argument("--mmlu-subjects", type=int, default=None,
+                    help="score only N of the 57 MMLU subjects, evenly spaced alphabetically (default: all)")
     ap.add_argument("--batch-size", type=int, default=8, help="input rows per forward")
     ap.add_argument("--perplexity", metavar="FILE", help="UTF-8 text file: token-level perplexity")
     ap.add_argument("--ppl-chunk-len", type=int, default=512, help="tokens per non-overlapping perplexity window")
@@ -69,7 +71,7 @@ def main(argv=None) -> int:
     from lolcats_jax.loading import load_for_generation
 
     # load (and validate) all data before the model, so a bad file fails fast
-    tasks = [load_task(n, args.limit) for n in args.task_names] + [load_task_file(f, args.limit) for f in args.task_file]
+    tasks = [load_task(n, args.limit, mmlu_subjects=args.mmlu_subjects) for n in args.task_names] + [load_task_file(f, args.limit) for f in args.task_file]
     ppl_text = None
     if args.perplexity:
         if not Path(args.perplexity).is_file():

@@ -164,6 +164,11 @@ def test_prompts_by_hand():
     assert ctx.endswith("Find the characteristic of the ring 2Z.\nA. 0\nB. 3\nC. 12\nD. 30\nAnswer: A\n\n"
                         "Find the degree for the given field extension Q(sqrt(2), sqrt(3), sqrt(18)) over Q.\nA. 0\nB. 4\nC. 2\nD. 6\nAnswer:")
     assert ctx.count("\nAnswer:") == 6
+    # a CPU subset of subjects: every (57/12)-th subject in alphabetical order, each still 5-shot
+    sub = tasks.load_task("mmlu", limit=1, mmlu_subjects=12)
+    names = sorted(d.group for d in mmlu.docs)
+    assert [d.group for d in sub.docs] == [names[(i * 57) // 12] for i in range(12)]
+    assert sub.docs[0] == aa and all(d.contexts[0].count("\nAnswer:") == 6 for d in sub.docs)
 
 
 HARNESS_TASKS = {  # our task → (harness YAML, split files)

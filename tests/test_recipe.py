@@ -84,11 +84,25 @@ def test_killed_run_resumes_bit_identical(tiny, tmp_path):
 def test_full_recipe_and_stage_skipping(tiny, tmp_path):
     model_dir, data_dir = tiny
     run_dir = tmp_path / "run"
-    over = tiny_overrides(model_dir, data_dir, run_dir) + ["run.stages=[distill,finetune,evaluate,export]"]
+    missing = tmp_path / "no_such_run"
+    over = tiny_overrides(model_dir, data_dir, run_dir) + [
+        "run.stages=[distill,finetune,evaluate,export]", "evaluate.attention_mse_batches=2",
+        f"evaluate.compare_runs=[{missing}]"]
     res = subprocess.run(_train_cmd(over), env=_env(), cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
     report = (run_dir / "report.md").read_text()
     assert "softmax teacher" in report and "after LoRA finetuning" in report and "Held-out perplexity" in report
+    # the attention MSE of the attention-transfer model, measured by the evaluate stage on the first 2 validation
+    # batches, is what the distill stage's evaluation reported for its best (= final) parameters on those batches
+    results = json.loads((run_dir / "evaluate" / "results.json").read_text())
+    mse = results["models"]["after attention transfer (distill)"]["attention_mse"]
+    done = json.loads((run_dir / "distill" / "done.json").read_text())
+    mse_factor = 1000.0  # configs/smollm2_demo.yaml
+    assert mse["batches"] == 2 and len(mse["layer_mse"]) == 3
+    np.testing.assert_allclose(mse["mse"] * mse_factor, done["best_eval_loss"], rtol=1e-4)
+    np.testing.assert_allclose(np.mean(mse["layer_mse"]), mse["mse"], rtol=1e-6)
+    assert "## Comparison with other runs" in report and f"| {missing} | no {missing}/evaluate/results.json" in report
+    assert f"| {run_dir} | distill |" in report
     for f in ("export/hf/config.json", "export/hf/model.safetensors", "config.yaml", "metrics.jsonl", "plots/distill_loss.png", "plots/finetune_loss.png", "evaluate/results.json"):
         assert (run_dir / f).exists(), f
     assert list((run_dir / "tensorboard").rglob("events.out.tfevents*"))

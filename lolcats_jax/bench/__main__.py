@@ -1,4 +1,9 @@
-"""`python -m lolcats_jax.bench attention [--device cpu|gpu] [--out FILE] [--lengths ...]`: parse, run, write."""
+"""Benchmarks, each printing a markdown table (and writing it with JSON beside it under `--out`):
+
+    python -m lolcats_jax.bench attention [--device cpu|gpu] [--out FILE] [--lengths ...]
+    python -m lolcats_jax.bench generate --model RUN_DIR [--teacher HF_DIR] [--lengths ...] [--out FILE]
+    python -m lolcats_jax.bench generate --model HF_DIR --linearize ...   (fresh feature maps: speed/memory only)
+"""
 
 from __future__ import annotations
 
@@ -28,6 +33,23 @@ def _attention(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from lolcats_jax.bench import generate
+
+    device = "gpu" if jax.default_backend() == "gpu" else "cpu"
+    d = generate.DEFAULTS[device]
+    settings = generate.Settings(lengths=tuple(args.lengths or d["lengths"]), batch=args.batch or d["batch"],
+                                 decode_tokens=args.decode_tokens or d["decode_tokens"], reps=args.reps or d["reps"])
+    dtype = args.dtype or ("bfloat16" if device == "gpu" else "float32")
+    models = generate.load_models(args.model, args.teacher, dtype, args.linearize)
+    result = generate.run(models, settings, max_seconds=args.max_seconds)
+    result["config"].update(model=str(args.model), dtype=dtype)
+    print(generate.to_markdown(result))
+    if args.out:
+        generate.write(result, args.out)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lolcats_jax.bench")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -45,9 +67,25 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("B", "H", "D", "F", "W"):
         p.add_argument(f"--{name}", type=int)
     p.add_argument("--dtype", choices=["float32", "bfloat16"])
+    g = sub.add_parser("generate", help="prefill/decode tokens/s and memory vs context: linearized vs softmax teacher")
+    g.add_argument("--model", required=True, help="run directory (or an HF directory with --linearize)")
+    g.add_argument("--teacher", help="softmax HF directory (default: the run's model.path)")
+    g.add_argument("--linearize", action="store_true",
+                   help="--model is an HF directory: linearize it with default attention options and fresh feature maps")
+    g.add_argument("--lengths", type=int, nargs="+", help="context lengths (default: 256 1024 4096 on CPU, 1K-32K on GPU)")
+    g.add_argument("--batch", type=int, help="prompts per batch")
+    g.add_argument("--decode-tokens", dest="decode_tokens", type=int, help="decode steps timed per cell")
+    g.add_argument("--reps", type=int, help="prefill runs per cell (median reported)")
+    g.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: bfloat16 on GPU, float32 on CPU")
+    g.add_argument("--max-seconds", dest="max_seconds", type=float, help="stop starting new cells after this long")
+    g.add_argument("--out", help="write FILE.md and FILE.json (FILE may end in .md)")
     args = parser.parse_args(argv)
     if args.command == "attention":
         return _attention(args)
+    if args.command == "generate":
+        from lolcats_jax.cli import run_main
+
+        return run_main(lambda _argv: _generate(args), [])
     return 2
 
 

@@ -12,7 +12,6 @@ Cells that would not fit (quadratic maps) or run too long are skipped with the r
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import statistics
@@ -21,8 +20,8 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from lolcats_jax.bench.output import write_table
 from kernels.lolcats import Backend, FeatureMapParams, LolcatsSpec, lolcats_attention
 
 
@@ -293,9 +292,4 @@ def to_markdown(result: dict) -> str:
 
 def write(result: dict, out: str) -> None:
     """Markdown to `out` (a .md path, or any stem) and JSON beside it."""
-    stem = out[:-3] if out.endswith(".md") else out
-    os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
-    with open(stem + ".md", "w") as f:
-        f.write(to_markdown(result))
-    with open(stem + ".json", "w") as f:
-        json.dump(result, f, indent=1, default=lambda x: None if isinstance(x, float) and np.isnan(x) else x)
+    write_table(result, to_markdown(result), out)

@@ -23,7 +23,7 @@ import dataclasses
 import os
 import re
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from lolcats_jax.errors import DataError
 from lolcats_jax.eval import data
@@ -136,11 +136,23 @@ def _simple(name: str, config: str, columns: tuple[str, ...], build: Callable[[d
     return load
 
 
-def load_mmlu(task_name: str = "mmlu", limit: int | None = None, root=None, shots: int = MMLU_SHOTS) -> Task:
-    """All 57 subjects (test split); `limit` applies per subject."""
+def spread(items: Sequence, n: int | None) -> list:
+    """`n` items evenly spaced over `items` (all of them when n is None or ≥ len(items)), in order."""
+    items = list(items)
+    if n is None or n >= len(items):
+        return items
+    if n < 1:
+        raise DataError(f"a subset of {n} items was requested; expected at least 1")
+    return [items[(i * len(items)) // n] for i in range(n)]
+
+
+def load_mmlu(task_name: str = "mmlu", limit: int | None = None, root=None, shots: int = MMLU_SHOTS,
+              subjects: int | None = None) -> Task:
+    """The 57 subjects (test split) — or `subjects` of them, evenly spaced in alphabetical order (CPU subsets);
+    `limit` applies per subject."""
     cols = ("question", "subject", "choices", "answer")
     docs = []
-    for subject in data.list_configs("hails/mmlu_no_train", root):
+    for subject in spread(sorted(data.list_configs("hails/mmlu_no_train", root)), subjects):
         dev = _rows("hails/mmlu_no_train", subject, "dev", cols, root, None)
         if len(dev) < shots:
             raise DataError(f"MMLU {subject}: {len(dev)} dev examples, {shots} shots requested")
@@ -161,12 +173,16 @@ TASKS: dict[str, Callable[..., Task]] = {
 }
 
 
-def load_task(name: str, limit: int | None = None, root: str | os.PathLike | None = None) -> Task:
-    """A built-in task by name (`TASKS`); `limit` keeps the first N documents (per subject for MMLU)."""
+def load_task(name: str, limit: int | None = None, root: str | os.PathLike | None = None, *,
+              mmlu_subjects: int | None = None) -> Task:
+    """A built-in task by name (`TASKS`); `limit` keeps the first N documents (per subject for MMLU);
+    `mmlu_subjects` keeps that many MMLU subjects (see `load_mmlu`)."""
     if name not in TASKS:
         raise DataError(f"unknown task {name!r}; known: {', '.join(TASKS)} (or pass --task-file FILE.jsonl)")
     if limit is not None and limit < 1:
         raise DataError(f"limit must be ≥ 1, got {limit}")
+    if name == "mmlu":
+        return load_mmlu(name, limit=limit, root=root, subjects=mmlu_subjects)
     return TASKS[name](name, limit=limit, root=root)
 
 

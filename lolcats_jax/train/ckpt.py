@@ -84,9 +84,18 @@ class StageCheckpointer:
         self.best.close()
 
 
+def _params_manager(path: Path, create: bool) -> ocp.CheckpointManager:
+    """A manager of `save_params` checkpoints with both items' handlers declared (so reading one item, or the
+    metadata, does not warn about the other)."""
+    return ocp.CheckpointManager(
+        path, options=ocp.CheckpointManagerOptions(max_to_keep=1, create=create),
+        item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
+    )
+
+
 def save_params(path: str | Path, params: dict, meta: dict) -> None:
     """A stage's final trainable parameters (e.g. run_dir/distill/final), atomically."""
-    mngr = ocp.CheckpointManager(Path(path).absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
+    mngr = _params_manager(Path(path).absolute(), create=True)
     meta = dict(meta, param_keys=sorted(params))
     mngr.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)), force=True)
     mngr.wait_until_finished()
@@ -96,7 +105,7 @@ def save_params(path: str | Path, params: dict, meta: dict) -> None:
 def load_params(path: str | Path, target: dict, shardings: dict | None = None) -> tuple[dict, dict]:
     """Loads parameters saved by `save_params` onto `shardings` (or the target arrays' shardings)."""
     path = Path(path).absolute()
-    mngr = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(create=False))
+    mngr = _params_manager(path, create=False)
     step = mngr.latest_step()
     if step is None:
         raise CheckpointError(f"{path}: no finished parameter checkpoint here")
@@ -117,7 +126,7 @@ def load_params(path: str | Path, target: dict, shardings: dict | None = None) -
 def saved_keys(path: str | Path) -> list[str]:
     """Names of the parameters stored by `save_params` at `path`."""
     path = Path(path).absolute()
-    mngr = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(create=False))
+    mngr = _params_manager(path, create=False)
     step = mngr.latest_step()
     if step is None:
         raise CheckpointError(f"{path}: no finished parameter checkpoint here")

@@ -56,7 +56,8 @@ def run_evaluate(ctx: RunContext) -> dict:
     ev = ctx.cfg.evaluate
     chunk = ctx.cfg.distill.data.chunk_size
     heldout = _heldout_ids(ctx) if ev.perplexity else []
-    tasks = [load_task(name, limit=(ev.mmlu_limit or ev.limit) if name == "mmlu" else ev.limit) for name in ev.tasks]
+    tasks = [load_task(name, limit=(ev.mmlu_limit or ev.limit) if name == "mmlu" else ev.limit,
+                       mmlu_subjects=ev.mmlu_subjects) for name in ev.tasks]
     results: dict[str, dict] = {}
     for label, key, load in _models(ctx):
         print(f"[evaluate] {label}", file=sys.stderr, flush=True)
@@ -66,12 +67,20 @@ def run_evaluate(ctx: RunContext) -> dict:
         if heldout:
             ppl = scorer.perplexity(heldout, chunk, None, ev.batch_size)
             entry["perplexity"] = {"ppl": ppl.ppl, "nll": ppl.nll_per_token, "tokens": ppl.n_tokens}
+        if key == "distill" and ev.attention_mse_batches > 0:
+            from lolcats_jax.train.attention_mse import attention_mse
+
+            entry["attention_mse"] = attention_mse(ctx, model)
+            print(f"[evaluate] attention MSE {entry['attention_mse']['mse']:.4g} (mean over layers, "
+                  f"{entry['attention_mse']['tokens']} validation tokens)", file=sys.stderr, flush=True)
         if tasks and key in ev.task_models:
             entry["tasks"] = evaluate_tasks(scorer, ctx.tokenizer, tasks, ev.batch_size)
         results[label] = entry
         del model, scorer
         jax.clear_caches()
-    summary = {"models": results, "training": {s: stage_done(ctx, s) for s in ("distill", "stitch", "finetune") if stage_done(ctx, s)}}
+    summary = {"models": results, "keys": {label: key for label, key, _ in _models(ctx)},
+               "attention_source": attention_source_stage(ctx) if ctx.cfg.attention.kind == "lolcats" else None,
+               "training": {s: stage_done(ctx, s) for s in ("distill", "stitch", "finetune") if stage_done(ctx, s)}}
     if ctx.is_main:
         out = ctx.stage_dir("evaluate")
         out.mkdir(parents=True, exist_ok=True)
@@ -99,11 +108,17 @@ def render_report(ctx: RunContext, summary: dict) -> str:
     lines += [f"Attention: {ctx.cfg.attention.kind} ({ctx.cfg.attention.window}, W={ctx.cfg.attention.window_size}, "
               f"{ctx.cfg.attention.feature_map}, F={ctx.cfg.attention.feature_dim}).", ""]
     if any("perplexity" in m for m in models.values()):
-        lines += ["## Held-out perplexity", "", "| model | perplexity | NLL/token | tokens |", "|---|---|---|---|"]
+        lines += ["## Held-out perplexity", "",
+                  "| model | perplexity | NLL/token | tokens | attention MSE (mean over layers) |", "|---|---|---|---|---|"]
         for lab in labels:
             p = models[lab].get("perplexity")
+            mse = models[lab].get("attention_mse")
             if p:
-                lines.append(f"| {lab} | {p['ppl']:.3f} | {p['nll']:.4f} | {p['tokens']} |")
+                lines.append(f"| {lab} | {p['ppl']:.3f} | {p['nll']:.4f} | {p['tokens']} | "
+                             f"{_f(mse['mse']) if mse else '–'} |")
+        if any("attention_mse" in m for m in models.values()):
+            lines += ["", "Attention MSE: teacher-forced, per-head outputs before o_proj vs the softmax teacher, on "
+                      "the first distillation validation batches (`evaluate.attention_mse_batches`)."]
         lines.append("")
     task_names = sorted({t for m in models.values() for t in m.get("tasks", {})})
     if task_names:
@@ -121,8 +136,11 @@ def render_report(ctx: RunContext, summary: dict) -> str:
                 n = r.get("n")
                 norm = r.get("acc_norm")
                 cells.append(f"{r['acc']:.3f}" + (f" / {norm:.3f}" if norm is not None else ""))
-            lines.append(f"| {t} | {n} | " + " | ".join(cells) + " |")
+            groups = next((m["tasks"][t]["groups"] for m in models.values() if "groups" in m.get("tasks", {}).get(t, {})), None)
+            label = f"{t} ({len(groups)} subjects, 5-shot, mean over subjects)" if groups else t
+            lines.append(f"| {label} | {n} | " + " | ".join(cells) + " |")
         lines.append("")
+    lines += _comparison(ctx, summary)
     tr = summary.get("training", {})
     if tr:
         lines += ["## Training", "", "| stage | steps | trainable params | eval loss start → best | tokens/s | seconds |", "|---|---|---|---|---|---|"]
@@ -136,6 +154,45 @@ def render_report(ctx: RunContext, summary: dict) -> str:
         lines.append("")
     lines.append("Plots: `plots/*_loss.png`, `plots/eval_tasks.png`; metrics: `metrics.jsonl`, `tensorboard/`.")
     return "\n".join(lines) + "\n"
+
+
+def _by_key(summary: dict) -> dict[str, dict]:
+    """results.json "models" (keyed by label) → {"teacher"|"distill"|"finetune": entry}."""
+    keys = summary.get("keys") or {}
+    return {keys.get(label, label): entry for label, entry in summary["models"].items()}
+
+
+def _comparison(ctx: RunContext, summary: dict) -> list[str]:
+    """This run beside the runs of `evaluate.compare_runs` (e.g. block-wise vs joint attention transfer): held-out
+    perplexity of each stage's model and the attention MSE after attention transfer, measured by the same code."""
+    if not ctx.cfg.evaluate.compare_runs:
+        return []
+    runs = [(str(ctx.run_dir), summary, None)]
+    for other in ctx.cfg.evaluate.compare_runs:
+        path = Path(other) / "evaluate" / "results.json"
+        if not path.is_file():
+            runs.append((other, None, f"no {path} — run that config's evaluate stage first"))
+            continue
+        try:
+            runs.append((other, json.loads(path.read_text()), None))
+        except (OSError, json.JSONDecodeError) as e:
+            runs.append((other, None, f"{path} unreadable: {e}"))
+    lines = ["## Comparison with other runs", "",
+             "Same held-out text and attention-MSE batches only if the runs share `evaluate.perplexity` and "
+             "`distill.data.validation` (token counts shown).", "",
+             "| run | attention from | teacher ppl | ppl after attention transfer | ppl after LoRA | attention MSE "
+             "(mean over layers) | held-out tokens | MSE tokens |", "|---|---|---|---|---|---|---|---|"]
+    for name, res, problem in runs:
+        if res is None:
+            lines.append(f"| {name} | {problem} |")
+            continue
+        m = _by_key(res)
+        ppl = lambda k: _f(m.get(k, {}).get("perplexity", {}).get("ppl"))  # noqa: E731
+        mse = m.get("distill", {}).get("attention_mse") or {}
+        tokens = next((e["perplexity"]["tokens"] for e in m.values() if "perplexity" in e), None)
+        lines.append(f"| {name} | {res.get('attention_source') or '–'} | {ppl('teacher')} | {ppl('distill')} | "
+                     f"{ppl('finetune')} | {_f(mse.get('mse'))} | {tokens or '–'} | {mse.get('tokens', '–')} |")
+    return lines + [""]
 
 
 def _f(x) -> str:
