@@ -340,6 +340,8 @@ def validate(cfg: Config, where: str = "<config>") -> None:
             raise ConfigError(f"{where}: {name}.optim.schedule={sec.optim.schedule!r} is not one of ['constant', 'cosine', 'plateau']")
         if sec.data.template not in ("alpaca", "chat"):
             raise ConfigError(f"{where}: {name}.data.template={sec.data.template!r} is not one of ['alpaca', 'chat']")
+    if not 0 <= cfg.finetune.lora.dropout < 1:
+        raise ConfigError(f"{where}: finetune.lora.dropout={cfg.finetune.lora.dropout} must be a probability in [0, 1)")
     if cfg.attention.window_size <= 0:
         raise ConfigError(f"{where}: attention.window_size must be positive, got {cfg.attention.window_size}")
 

@@ -59,6 +59,7 @@ def test_unknown_section(tmp_path):
         ("run.stages=[distill, bogus]", "run.stages contains 'bogus'"),
         ("distill.optim=3", "distill.optim: expected a mapping"),
         ("nokeyvalue", "must look like key.sub=value"),
+        ("finetune.lora.dropout=1.0", "finetune.lora.dropout=1.0 must be a probability"),
     ],
 )
 def test_wrong_types_and_values(override, needle):

@@ -96,7 +96,8 @@ def test_distill_step_matches_reference(tiny_dir):
         tx = make_optimizer(OptimizerConfig(lr=LR, weight_decay=0.0))
         init_opt, train, _, _ = build_steps(split, tx, loss_fn, mesh)
         before = jax.tree.map(np.asarray, split.trainable)
-        after, _, metrics = train(split.trainable, init_opt(split.trainable), split.frozen, jax.tree.map(lambda x: x[None], batch), jnp.float32(LR))
+        after, _, metrics = train(split.trainable, init_opt(split.trainable), split.frozen, jax.tree.map(lambda x: x[None], batch), jnp.float32(LR),
+                                jax.random.PRNGKey(0))
     # independent reference: teacher stream + projections from transformers, student from the float64 reference
     tm = _torch_model(tiny_dir)
     lin_layers = [0, 2]  # layer 1 stays softmax
@@ -200,7 +201,68 @@ def test_sharded_step_equals_single_device(tiny_dir, kind):
             t, o = split.trainable, init_opt(split.trainable)
             step_losses = []
             for _ in range(2):
-                t, o, m = train(t, o, split.frozen, batch, jnp.float32(LR))
+                t, o, m = train(t, o, split.frozen, batch, jnp.float32(LR), jax.random.PRNGKey(0))
                 step_losses.append(float(m["loss"]))
             losses.append(step_losses)
     np.testing.assert_allclose(losses[0], losses[1], rtol=2e-5)
+
+
+def test_lora_dropout_matches_torch_with_the_same_masks(tiny_dir):
+    """h = W x + (α/r)·B A (m ⊙ x)/(1-p) (PEFT's lora_dropout) on every adapter, masks independent per layer and
+    target, base path untouched: the JAX loss and LoRA gradients equal a torch computation that applies the same
+    masks (read back from `lora_input` on ones) through forward hooks on transformers' projections."""
+    from lolcats_jax.model.layer import lora_input
+
+    p_drop = 0.3
+    cfg = _cfg(tiny_dir, "attention.kind=softmax", f"finetune.lora.dropout={p_drop}")
+    mesh = make_mesh(MeshShape(1, 1, 1), devices=jax.devices()[:1])
+    tokens = _tokens(2, 12, seed=4)
+    key = jax.random.PRNGKey(7)
+    with compat.set_mesh(mesh):
+        model = _load(cfg, mesh, lora=cfg.finetune.lora)
+        split = split_model(model, LoraParam)
+        weights = _lora_weights(split, np.random.RandomState(1))
+        batch = {"input_ids": jnp.asarray(tokens), "labels": jnp.asarray(tokens)}
+        loss_of = lambda t, k: lm_loss(split.merge(t), batch, k)[0]  # noqa: E731
+        loss, grads = jax.value_and_grad(loss_of)(weights, key)
+        assert float(loss_of(weights, key)) == float(loss)  # the same key, the same masks
+        assert float(loss_of(weights, jax.random.PRNGKey(8))) != float(loss)
+        no_drop = float(loss_of(weights, None))
+        assert no_drop != float(loss)
+        ctx = split.merge(weights)._ctx(jnp.zeros((2, 12), jnp.int32))
+    tm = _torch_model(tiny_dir)
+    H, D, E = tm.config.num_attention_heads, tm.config.head_dim, tm.config.hidden_size
+    scale = cfg.finetune.lora.alpha / cfg.finetune.lora.rank
+    leaves, handles, zeros = {}, [], 0
+    for i, layer in enumerate(tm.model.layers):
+        layer_key = jax.random.fold_in(key, i)
+        for t in ("q", "k", "v", "o"):
+            shape = (2, 12, H, D) if t == "o" else (2, 12, E)
+            mask = np.asarray(lora_input(ctx, {"lora_dropout_key": layer_key}, t, jnp.ones(shape, jnp.float32)))
+            assert set(np.unique(mask)) <= {0.0, np.float32(1 / (1 - p_drop))}
+            zeros += int((mask == 0).sum())
+            A, Bm = np.asarray(weights[f"lora/{t}_a"][i]), np.asarray(weights[f"lora/{t}_b"][i])
+            a_t, b_t = (A.reshape(-1, A.shape[-1]).T, Bm.T) if t == "o" else (A.T, Bm.reshape(Bm.shape[0], -1).T)
+            a = torch.tensor(np.ascontiguousarray(a_t), requires_grad=True)
+            b = torch.tensor(np.ascontiguousarray(b_t), requires_grad=True)
+            leaves[(t, i)] = (a, b)
+            m = torch.tensor(mask.reshape(2, 12, -1))
+
+            def hook(module, inputs, out, a=a, b=b, m=m):
+                return out + scale * ((inputs[0] * m) @ a.T) @ b.T
+
+            handles.append(getattr(layer.self_attn, f"{t}_proj").register_forward_hook(hook))
+    assert 0.2 < zeros / (4 * len(tm.model.layers) * 2 * 12 * E) < 0.4  # about p of the inputs dropped
+    logits = tm(torch.tensor(tokens, dtype=torch.long)).logits
+    for h in handles:
+        h.remove()
+    tgt = torch.tensor(tokens[:, 1:], dtype=torch.long)
+    ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tgt.reshape(-1))
+    ref.backward()
+    assert abs(float(loss) - float(ref)) / float(ref) < 1e-5
+    for (t, i), (a, b) in leaves.items():
+        ga, gb = np.asarray(grads[f"lora/{t}_a"][i]), np.asarray(grads[f"lora/{t}_b"][i])
+        ga_t = ga.reshape(-1, ga.shape[-1]).T if t == "o" else ga.T
+        gb_t = gb.T if t == "o" else gb.reshape(gb.shape[0], -1).T
+        for mine, theirs in ((ga_t, a.grad.numpy()), (gb_t, b.grad.numpy())):
+            assert np.linalg.norm(mine - theirs) / max(np.linalg.norm(theirs), 1e-12) < 1e-4, (t, i)

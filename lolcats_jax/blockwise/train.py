@@ -36,8 +36,10 @@ from lolcats_jax.train.stages import RunContext, _loop_config
 from lolcats_jax.train.step import split_model
 
 
-def block_distill_loss(model: Llama, batch: dict, *, mse_factor: float, xent_factor: float) -> tuple[jax.Array, dict]:
+def block_distill_loss(model: Llama, batch: dict, key: jax.Array | None = None, *, mse_factor: float,
+                       xent_factor: float) -> tuple[jax.Array, dict]:
     """Stage 1's loss on a block model whose input is the stored residual stream `batch["hidden"]` (B, T, E)."""
+    del key  # attention transfer has no dropout
     x_BTE = constrain(batch["hidden"].astype(model.compute_dtype), ("batch", "seq", "act_embed"))
     B, T = x_BTE.shape[:2]
     positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -120,7 +122,7 @@ def train_block(ctx: RunContext, store: BlockInputStore, block: Block) -> dict[s
         print(f"[distill_block] {block.describe()}: {n_train} training samples from {store.array_path('train', block.start)}", file=sys.stderr)
         loss_fn = functools.partial(block_distill_loss, mse_factor=d.mse_factor, xent_factor=d.xent_factor)
         res = train_loop(
-            name=name, split=split, loss_fn=loss_fn, mesh=ctx.mesh, cfg=_loop_config(d, steps), train_iter=train_iter,
+            name=name, split=split, loss_fn=loss_fn, mesh=ctx.mesh, cfg=_loop_config(d, steps, ctx.cfg.run.seed), train_iter=train_iter,
             val_batches=val_batches, stage_dir=bdir, run_dir=bdir,
             tokens_per_batch=d.batch_size * d.optim.grad_accum * store.layout.seq_len, is_main=ctx.is_main,
         )

@@ -25,10 +25,25 @@ def _w(p: dict, name: str, dtype) -> jax.Array:
     return p[name].astype(dtype)
 
 
+LORA_TARGET_IDS = {t: i for i, t in enumerate(("q", "k", "v", "o", "gate", "up", "down"))}
+
+
+def lora_input(ctx: LayerContext, p: dict, target: str, x: jax.Array) -> jax.Array:
+    """The adapter's input: x, or — in training steps with LoRA dropout — inverted dropout of x with this layer's
+    key folded with the target (each adapter draws its own mask, as PEFT's per-module `lora_dropout`)."""
+    key = p.get("lora_dropout_key")
+    if key is None or ctx.lora_dropout <= 0:
+        return x
+    keep = 1.0 - ctx.lora_dropout
+    mask = jax.random.bernoulli(jax.random.fold_in(key, LORA_TARGET_IDS[target]), keep, x.shape)
+    return jnp.where(mask, x / keep, 0).astype(x.dtype)
+
+
 def _lora(ctx: LayerContext, p: dict, target: str, x: jax.Array, spec_in: str, spec_out: str) -> jax.Array | None:
-    """Low-rank update (α/r)·B(A x) for `target`, or None. x's contraction dims are `spec_in`."""
+    """Low-rank update (α/r)·B(A dropout(x)) for `target`, or None. x's contraction dims are `spec_in`."""
     if target not in ctx.lora_targets:
         return None
+    x = lora_input(ctx, p, target, x)
     a = p[f"lora_{target}_a"].astype(x.dtype)
     b = p[f"lora_{target}_b"].astype(x.dtype)
     h = jnp.einsum(f"{spec_in},{spec_in[2:]}r->btr", x, a)
@@ -60,7 +75,8 @@ def attn_out(ctx: LayerContext, p: dict, y_BTHD: jax.Array) -> jax.Array:
     if "o" in ctx.lora_targets:
         a = p["lora_o_a"].astype(dt)
         b = p["lora_o_b"].astype(dt)
-        o = o + ctx.lora_scale * jnp.einsum("btr,re->bte", jnp.einsum("bthd,hdr->btr", y_BTHD, a), b)
+        y_in = lora_input(ctx, p, "o", y_BTHD)
+        o = o + ctx.lora_scale * jnp.einsum("btr,re->bte", jnp.einsum("bthd,hdr->btr", y_in, a), b)
     return constrain(o, ("batch", "seq", "act_embed"))
 
 

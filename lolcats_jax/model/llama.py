@@ -232,15 +232,18 @@ class Llama(nnx.Module):
             sin=sin,
             lora_scale=0.0 if lora is None else lora.scale,
             lora_targets=() if lora is None else lora.targets,
+            lora_dropout=0.0 if lora is None else lora.dropout,
         )
 
     # ------------------------------------------------------------------------------------------ forward
 
     def run_layers(
-        self, x_BTE: jax.Array, positions_BT: jax.Array, mode: str = "forward", *, layers: tuple[int, int] | None = None, **mode_kw
+        self, x_BTE: jax.Array, positions_BT: jax.Array, mode: str = "forward", *, layers: tuple[int, int] | None = None,
+        lora_dropout_key: jax.Array | None = None, **mode_kw
     ) -> tuple[jax.Array, list]:
         """Runs every layer (or only layers [start, stop) when `layers` is given, `x_BTE` then being the hidden
-        states entering layer `start`); returns the last hidden states and, per layer run, the mode's `aux`."""
+        states entering layer `start`); returns the last hidden states and, per layer run, the mode's `aux`.
+        `lora_dropout_key` (training only) applies LoRA dropout: layer ℓ draws its masks from fold_in(key, ℓ)."""
         from lolcats_jax.model import layer  # local import: layer imports this module's helpers
 
         lo, hi = (0, self.cfg.num_layers) if layers is None else layers
@@ -254,6 +257,9 @@ class Llama(nnx.Module):
                 continue
             seg = Segment(seg.kind, start, stop, seg.lin_start + start - seg.start)
             params = self._segment_params(seg)
+            if lora_dropout_key is not None and ctx.lora_dropout > 0 and ctx.lora_targets:
+                keys = jax.vmap(lambda i: jax.random.fold_in(lora_dropout_key, i))(jnp.arange(seg.start, seg.stop))
+                params = dict(params, lora_dropout_key=keys)
             body = layer.make_body(ctx, seg.kind, mode, **mode_kw)
             if self.opts.remat:
                 body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
@@ -262,11 +268,12 @@ class Llama(nnx.Module):
                 per_layer[seg.start + j] = jax.tree.map(lambda a: a[j], aux)
         return x_BTE, per_layer[lo:hi]
 
-    def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None) -> jax.Array:
+    def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None, *,
+                 lora_dropout_key: jax.Array | None = None) -> jax.Array:
         """Logits (B, T, V) in float32."""
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1], dtype=jnp.int32), tokens_BT.shape)
-        x, _ = self.run_layers(self.embed_tokens(tokens_BT), positions_BT)
+        x, _ = self.run_layers(self.embed_tokens(tokens_BT), positions_BT, lora_dropout_key=lora_dropout_key)
         return self.logits(x)
 
 
@@ -280,6 +287,7 @@ class LayerContext:
     sin: jax.Array
     lora_scale: float
     lora_targets: tuple[str, ...]
+    lora_dropout: float = 0.0
 
 
 def apply_rope_ctx(ctx: LayerContext, x_BTHD: jax.Array) -> jax.Array:

@@ -41,6 +41,7 @@ class LoopConfig:
     batch_size: int  # per optimizer micro-step, global
     eval_batches: int | None
     optim: OptimizerConfig
+    seed: int = 0  # step s draws its dropout masks from fold_in(PRNGKey(seed), s): the same after a resume
 
 
 @dataclasses.dataclass
@@ -125,6 +126,7 @@ def train_loop(
         _log(is_main, f"[{name}] step 0 eval loss {ev['loss']:.5g}")
 
     sharding = batch_sharding(mesh, accumulate=True)
+    base_key = jax.random.PRNGKey(cfg.seed)
     pending: tuple[int, Any] | None = None
     t0 = time.perf_counter()
     steps_done = 0
@@ -150,7 +152,8 @@ def train_loop(
             raise UserError(f"[{name}] the training data ran out at step {step}") from None
         lr = learning_rate(cfg.optim, step, cfg.max_steps, plateau)
         gbatch = _to_global(batch, sharding, (cfg.grad_accum, -1))
-        trainable, opt_state, metrics = train(trainable, opt_state, split.frozen, gbatch, jnp.float32(lr))
+        key = jax.random.fold_in(base_key, step)
+        trainable, opt_state, metrics = train(trainable, opt_state, split.frozen, gbatch, jnp.float32(lr), key)
         steps_done += 1
         if pending is not None:
             m = settle(pending)

@@ -19,7 +19,9 @@ from lolcats_jax.model.llama import Llama
 IGNORE = -100
 
 
-def distill_loss(model: Llama, batch: dict, *, mse_factor: float, xent_factor: float) -> tuple[jax.Array, dict]:
+def distill_loss(model: Llama, batch: dict, key: jax.Array | None = None, *, mse_factor: float,
+                 xent_factor: float) -> tuple[jax.Array, dict]:
+    del key  # attention transfer has no dropout
     tokens_BT = batch["input_ids"]
     B, T = tokens_BT.shape
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -53,8 +55,9 @@ def token_nll(logits_BTV: jax.Array, tokens_BT: jax.Array, labels_BT: jax.Array)
     return (logz - picked) * valid, valid
 
 
-def lm_loss(model: Llama, batch: dict) -> tuple[jax.Array, dict]:
-    logits = model(batch["input_ids"])
+def lm_loss(model: Llama, batch: dict, key: jax.Array | None = None) -> tuple[jax.Array, dict]:
+    """Next-token cross-entropy; `key` enables LoRA dropout (training steps pass one, evaluation does not)."""
+    logits = model(batch["input_ids"], lora_dropout_key=key)
     nll, valid = token_nll(logits, batch["input_ids"], batch["labels"])
     n = jnp.sum(valid)
     loss = jnp.sum(nll) / jnp.maximum(n, 1)

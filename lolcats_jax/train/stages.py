@@ -131,8 +131,9 @@ def _data(ctx: RunContext, section, batch_size: int, grad_accum: int, seed: int)
     return train_iter, val_batches, steps, len(train_ds)
 
 
-def _loop_config(section, steps: int) -> LoopConfig:
+def _loop_config(section, steps: int, seed: int) -> LoopConfig:
     return LoopConfig(
+        seed=seed,
         max_steps=steps, eval_every=section.eval_every, checkpoint_every=section.checkpoint_every,
         log_every=section.log_every, grad_accum=section.optim.grad_accum, batch_size=section.batch_size,
         eval_batches=section.eval_batches, optim=section.optim,
@@ -146,7 +147,7 @@ def _train_stage(ctx: RunContext, name: str, section, model: Llama, trainable_fi
         raise UserError(f"{name}: {n_chunks} training chunks give no optimizer step (batch {section.batch_size} × accum {section.optim.grad_accum})")
     tokens_per_step = section.batch_size * section.optim.grad_accum * section.data.chunk_size
     res = train_loop(
-        name=name, split=split, loss_fn=loss_fn, mesh=ctx.mesh, cfg=_loop_config(section, steps),
+        name=name, split=split, loss_fn=loss_fn, mesh=ctx.mesh, cfg=_loop_config(section, steps, ctx.cfg.run.seed),
         train_iter=train_iter, val_batches=val_batches, stage_dir=ctx.stage_dir(name), run_dir=ctx.run_dir,
         tokens_per_batch=tokens_per_step, is_main=ctx.is_main,
     )
@@ -178,11 +179,6 @@ def attention_source_stage(ctx: RunContext) -> str:
 def run_finetune(ctx: RunContext) -> dict:
     """Stage 2: LoRA on the linearized model (feature maps and window factors frozen unless lora.train_attention)."""
     f = ctx.cfg.finetune
-    if f.lora.dropout > 0:
-        raise UserError(
-            f"finetune.lora.dropout={f.lora.dropout}: LoRA dropout is not implemented yet; set it to 0 "
-            "(the released 8B/70B LoRA runs used 0)"
-        )
     model = load_base(ctx, linearize=ctx.cfg.attention.kind == "lolcats", lora=f.lora)
     if ctx.cfg.attention.kind == "lolcats":
         load_stage_params(ctx, model, attention_source_stage(ctx))

@@ -3,7 +3,8 @@
 The model is split once with an NNX filter (feature maps + window factors for attention transfer, LoRA adapters
 for finetuning); only the trainable part has gradients and optimizer state. Steps are compiled once with explicit
 in/out shardings and donate the trainable parameters and optimizer state. A train step takes a batch of shape
-(A, B, T) — A micro-batches of gradient accumulation, scanned inside the step.
+(A, B, T) — A micro-batches of gradient accumulation, scanned inside the step — and a PRNG key (raw uint32 (2,)) for
+LoRA dropout: micro-batch i uses fold_in(key, i); evaluation never drops out.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from lolcats_jax.model.llama import Llama
 from lolcats_jax.sharding import param_shardings
 
-LossFn = Callable[[Llama, dict], tuple[jax.Array, dict]]
+LossFn = Callable[[Llama, dict, jax.Array | None], tuple[jax.Array, dict]]  # (model, batch, dropout key)
 
 
 def path_key(path: tuple) -> str:
@@ -78,32 +79,33 @@ def build_steps(split: Split, tx: optax.GradientTransformation, loss_fn: LossFn,
     f_shard = param_shardings(split.frozen, mesh)
     replicated = NamedSharding(mesh, P())
 
-    def loss_of(trainable, frozen, batch):
-        return loss_fn(split.merge(trainable, frozen), batch)
+    def loss_of(trainable, frozen, batch, key):
+        return loss_fn(split.merge(trainable, frozen), batch, key)
 
-    def train_step(trainable, opt_state, frozen, batch_ABT, lr):
+    def train_step(trainable, opt_state, frozen, batch_ABT, lr, key):
         grad_fn = jax.value_and_grad(loss_of, has_aux=True)
         A = jax.tree.leaves(batch_ABT)[0].shape[0]
 
-        def micro(carry, mb):
-            (_, metrics), grads = grad_fn(trainable, frozen, mb)
+        def micro(carry, inputs):
+            mb, i = inputs
+            (_, metrics), grads = grad_fn(trainable, frozen, mb, jax.random.fold_in(key, i))
             return _tree_add(carry, (grads, metrics)), None
 
         first = jax.tree.map(lambda x: x[0], batch_ABT)
-        (_, m0), g0 = grad_fn(trainable, frozen, first)
+        (_, m0), g0 = grad_fn(trainable, frozen, first, jax.random.fold_in(key, 0))
         if A > 1:
             rest = jax.tree.map(lambda x: x[1:], batch_ABT)
-            (g0, m0), _ = jax.lax.scan(micro, (g0, m0), rest)
+            (g0, m0), _ = jax.lax.scan(micro, (g0, m0), (rest, jnp.arange(1, A)))
             g0 = jax.tree.map(lambda g: g / A, g0)
             m0 = jax.tree.map(lambda m: m / A, m0)
         opt_state.hyperparams["learning_rate"] = lr
         updates, opt_state = tx.update(g0, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
-        m0 = dict(m0, grad_norm=optax.global_norm(g0), lr=lr)
+        m0 = dict(m0, grad_norm=optax.tree.norm(g0), lr=lr)
         return trainable, opt_state, m0
 
     def eval_step(trainable, frozen, batch_BT):
-        _, metrics = loss_of(trainable, frozen, batch_BT)
+        _, metrics = loss_of(trainable, frozen, batch_BT, None)
         return metrics
 
     abstract_opt = jax.eval_shape(tx.init, split.trainable)
@@ -111,7 +113,7 @@ def build_steps(split: Split, tx: optax.GradientTransformation, loss_fn: LossFn,
     init_opt = jax.jit(tx.init, in_shardings=(t_shard,), out_shardings=o_shard)
     train = jax.jit(
         train_step,
-        in_shardings=(t_shard, o_shard, f_shard, batch_sharding(mesh, True), replicated),
+        in_shardings=(t_shard, o_shard, f_shard, batch_sharding(mesh, True), replicated, replicated),
         out_shardings=(t_shard, o_shard, replicated),
         donate_argnums=(0, 1),
     )
