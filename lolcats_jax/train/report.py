@@ -80,7 +80,7 @@ def run_evaluate(ctx: RunContext) -> dict:
         jax.clear_caches()
     summary = {"models": results, "keys": {label: key for label, key, _ in _models(ctx)},
                "attention_source": attention_source_stage(ctx) if ctx.cfg.attention.kind == "lolcats" else None,
-               "training": {s: stage_done(ctx, s) for s in ("distill", "stitch", "finetune") if stage_done(ctx, s)}}
+               "training": _training(ctx)}
     if ctx.is_main:
         out = ctx.stage_dir("evaluate")
         out.mkdir(parents=True, exist_ok=True)
@@ -90,6 +90,20 @@ def run_evaluate(ctx: RunContext) -> dict:
         _bar_chart(ctx.run_dir / "plots" / "eval_tasks.png", results)
         print("\n" + report, flush=True)
     return {"report": str(ctx.run_dir / "report.md"), **{k: _short(v) for k, v in results.items()}}
+
+
+def _training(ctx: RunContext) -> dict[str, dict]:
+    """The training stages' summaries in run order: joint `distill`, or one row per trained block, then `finetune`."""
+    out = {}
+    if stage_done(ctx, "distill"):
+        out["distill"] = stage_done(ctx, "distill")
+    blocks = (stage_done(ctx, "distill_block") or {}).get("blocks", {})
+    for i, b in sorted(blocks.items(), key=lambda kv: int(kv[0])):
+        lo, hi = b.get("layers", (None, None))
+        out[f"distill_block {i} (layers {lo}-{hi - 1})" if lo is not None else f"distill_block {i}"] = b
+    if stage_done(ctx, "finetune"):
+        out["finetune"] = stage_done(ctx, "finetune")
+    return out
 
 
 def _short(entry: dict) -> dict:
