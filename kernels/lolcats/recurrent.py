@@ -142,9 +142,13 @@ def decode_step(
     t_B = state.pos_B
     slot_BR = jnp.arange(R)[None, :] == jnp.mod(t_B, R)[:, None]
     # 1. fold the key leaving the ring (position t − R) into the linear state
+    # select the leaving slot's features and value first (one-hot or all-zero weights, so this is exact), then one
+    # outer product: the three-operand einsum materialised (B, R, H, F') products, ~17× slower on CPU
     evict_BR = (slot_BR & (t_B >= R)[:, None]).astype(cdt)
-    s_BHFD = state.s_BHFD + jnp.einsum("br,brhf,brhd->bhfd", evict_BR, state.fk_BRHF, state.v_BRHD.astype(cdt))
-    z_BHF = state.z_BHF + jnp.einsum("br,brhf->bhf", evict_BR, state.fk_BRHF)
+    fk_out_BHF = jnp.einsum("br,brhf->bhf", evict_BR, state.fk_BRHF)
+    v_out_BHD = jnp.einsum("br,brhd->bhd", evict_BR, state.v_BRHD.astype(cdt))
+    s_BHFD = state.s_BHFD + jnp.einsum("bhf,bhd->bhfd", fk_out_BHF, v_out_BHD)
+    z_BHF = state.z_BHF + fk_out_BHF
     # 2. write token t into its slot
     put = lambda buf, x: jnp.where(slot_BR[:, :, None, None], x[:, None].astype(buf.dtype), buf)  # noqa: E731
     k_BRHD, v_BRHD, fk_BRHF = put(state.k_BRHD, k_t), put(state.v_BRHD, v_t), put(state.fk_BRHF, fk_BHF)
