@@ -59,7 +59,9 @@ def run_evaluate(ctx: RunContext) -> dict:
     tasks = [load_task(name, limit=(ev.mmlu_limit or ev.limit) if name == "mmlu" else ev.limit,
                        mmlu_subjects=ev.mmlu_subjects) for name in ev.tasks]
     results: dict[str, dict] = {}
+    keys: dict[str, str] = {}
     for label, key, load in _models(ctx):
+        keys[label] = key
         print(f"[evaluate] {label}", file=sys.stderr, flush=True)
         model = load()
         scorer = Scorer(model)
@@ -78,7 +80,7 @@ def run_evaluate(ctx: RunContext) -> dict:
         results[label] = entry
         del model, scorer
         jax.clear_caches()
-    summary = {"models": results, "keys": {label: key for label, key, _ in _models(ctx)},
+    summary = {"models": results, "keys": keys,
                "attention_source": attention_source_stage(ctx) if ctx.cfg.attention.kind == "lolcats" else None,
                "training": _training(ctx)}
     if ctx.is_main:
