@@ -1,9 +1,12 @@
-"""Shared test setup. The first lines run before any JAX computation: 8 fake CPU devices for mesh tests."""
+"""Shared test setup. The first lines run before any JAX computation: the project's XLA flags, 8 fake CPU devices
+for mesh tests."""
 
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import lolcats_jax  # noqa: E402,F401  (its XLA:CPU correctness flags must be set before JAX starts a backend)
 
 import jax  # noqa: E402
 

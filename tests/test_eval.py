@@ -176,6 +176,7 @@ HARNESS_TASKS = {  # our task → (harness YAML, split files)
     "arc_easy": ("arc/arc_easy.yaml", {"validation": ("ai2_arc", "ARC-Easy", "validation")}),
     "arc_challenge": ("arc/arc_challenge.yaml", {"validation": ("ai2_arc", "ARC-Challenge", "validation")}),
     "hellaswag": ("hellaswag/hellaswag.yaml", {"validation": ("hellaswag", "none", "validation")}),
+    "sciq": ("sciq/sciq.yaml", {"validation": ("sciq", "none", "validation")}),
     "winogrande": ("winogrande/default.yaml", {"validation": ("winogrande", "winogrande_xl", "validation")}),
     "mmlu": ("mmlu/default/mmlu_high_school_physics.yaml", {s: ("hails/mmlu_no_train", "high_school_physics", s) for s in ("dev", "test")}),
 }

@@ -6,6 +6,8 @@ the highest summed continuation log-likelihood (see `metrics`). Prompts (no few-
     piqa            "Question: {goal}\\nAnswer:"                      + " {sol1}" | " {sol2}"
     arc_easy/_challenge  "Question: {question}\\nAnswer:"             + " {choice text}" ...
     hellaswag       clean("{activity_label}: {ctx_a} {ctx_b.capitalize()}") + " " + clean(ending) ...
+    sciq            "{support.lstrip()}\\nQuestion: {question}\\nAnswer:"  + " {distractor1..3}" | " {correct_answer}"
+                    (gold 3; the supporting paragraph makes contexts long: ~100-500 tokens)
     winogrande      partial evaluation: context = sentence up to "_" with the option in its place (one context
                     per option), continuation = " " + the rest of the sentence after "_", stripped
     mmlu            5-shot from `dev` (first five, in order), per subject:
@@ -92,6 +94,11 @@ def hellaswag_doc(row: dict) -> MultipleChoiceDoc:
     return MultipleChoiceDoc.shared(query, [hellaswag_clean(e) for e in row["endings"]], int(row["label"]))
 
 
+def sciq_doc(row: dict) -> MultipleChoiceDoc:
+    choices = [row["distractor1"], row["distractor2"], row["distractor3"], row["correct_answer"]]
+    return MultipleChoiceDoc.shared(f"{row['support'].lstrip()}\nQuestion: {row['question']}\nAnswer:", choices, 3)
+
+
 def winogrande_doc(row: dict) -> MultipleChoiceDoc:
     sentence = row["sentence"]
     blank = sentence.index("_")
@@ -168,6 +175,8 @@ TASKS: dict[str, Callable[..., Task]] = {
     "arc_challenge": _simple("ai2_arc", "ARC-Challenge", _ARC_COLS, arc_doc, ("acc", "acc_norm", "acc_bytes")),
     "hellaswag": _simple("hellaswag", "none", ("activity_label", "ctx_a", "ctx_b", "endings", "label"), hellaswag_doc,
                          ("acc", "acc_norm", "acc_bytes")),
+    "sciq": _simple("sciq", "none", ("support", "question", "distractor1", "distractor2", "distractor3", "correct_answer"),
+                    sciq_doc, ("acc", "acc_norm", "acc_bytes")),
     "winogrande": _simple("winogrande", "winogrande_xl", ("sentence", "option1", "option2", "answer"), winogrande_doc, ("acc",)),
     "mmlu": load_mmlu,
 }
