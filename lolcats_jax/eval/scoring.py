@@ -6,25 +6,33 @@ A token request (context_ids, continuation_ids) is scored as lm-evaluation-harne
 
 whose last len(continuation_ids) positions predict the continuation; the result is (Σ log p(continuation token),
 whether every continuation token is the argmax). Inputs are right-padded (causal attention: padding at the end
-never reaches a real position) to a few bucket lengths (powers of two, then multiples of 256), so a whole
-benchmark compiles a handful of shapes. Requests whose inputs are identical (MMLU's four one-token answers after one shared prompt) share one
-row of the forward. Only the scored positions go through the LM head, so memory is O(rows · T · E), not O(T · V).
+never reaches a real position) to a few bucket lengths (powers of two, then multiples of 256), and every batch of a bucket is padded
+to that bucket's one shape (rows, requests, scored positions), so a whole benchmark compiles one program per
+bucket — shared by every Scorer of a model with the same structure (teacher vs. student: two programs). Requests
+whose inputs are identical (MMLU's four one-token answers after one shared prompt) share one row of the forward.
+Only the scored positions go through the LM head, flattened over the batch's requests, so memory is
+O(rows · T · E + P · V), not O(rows · T · V). A request's numbers
+never depend on what it is batched with (tests/test_scoring_batches.py holds batch sizes 1, 3, 8, 32 and a mesh
+to fp32 tolerance against each other and against transformers).
 
 Exception: LoLCATS layers with the original end-aligned "tk" masks (`attention.compat: true`) make every
 position depend on the total length (reference §3.4), so for such models inputs are never padded: rows are
 batched only with inputs of exactly the same length (more compilations, the original's numbers).
 
 Under a mesh (passed in, or the current `jax.set_mesh` context) the rows are sharded over ("data", "fsdp")
-like every activation of the model; otherwise everything runs on the default device.
+like every activation of the model, and the scores come back replicated (readable on every process); otherwise
+everything runs on the default device.
 
-Notation: U input rows, T padded input length, R scored requests, K scored positions per request, E hidden
-size, V vocabulary.
+Notation: U input rows, T padded input length, P scored positions (of all requests of a batch, flattened), E
+hidden size, V vocabulary.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import itertools
 import math
 from typing import Sequence
 
@@ -80,8 +88,40 @@ class PerplexityResult:
         return dataclasses.asdict(self)
 
 
+def _replicated(x: jax.Array) -> jax.Array:
+    """`x` replicated on every device of the current mesh (so every process can read it), else unchanged."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty or mesh.size == 1:
+        return x
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec())
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _score_positions(graphdef, state, tokens_UT, rows_P, pos_P, targets_P):
+    """(log p, is-argmax) of targets_P[p] as the prediction at position pos_P[p] of row rows_P[p], each (P,).
+    Module-level and keyed by the graph definition: Scorers of models with the same structure share compilations."""
+    net = nnx.merge(graphdef, state)
+    U, T = tokens_UT.shape
+    positions_UT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (U, T))
+    x_UTE, _ = net.run_layers(net.embed_tokens(tokens_UT), positions_UT)
+    logits_PV = net.logits(x_UTE[rows_P, pos_P][None])[0]
+    logp_P = jnp.take_along_axis(logits_PV, targets_P[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(logits_PV, axis=-1)
+    greedy_P = jnp.argmax(logits_PV, axis=-1) == targets_P
+    return _replicated(logp_P), _replicated(greedy_P)
+
+
+@dataclasses.dataclass(frozen=True)
+class _BucketShape:
+    """The one array shape every batch of a length bucket is padded to (one compilation per bucket)."""
+
+    rows: int  # U
+    length: int  # T
+    scored: int  # P, scored positions of all requests of a batch, flattened
+
+
 class Scorer:
-    """Holds a model's (graphdef, state) and the jitted scoring function (compiled once per bucket shape).
+    """Holds a model's (graphdef, state); scoring compiles once per bucket shape (shared by Scorers of models with
+    the same structure).
 
     The state is captured at construction: build a new Scorer after changing the model's weights.
     """
@@ -91,24 +131,6 @@ class Scorer:
         self.max_length = int(max_length or model.cfg.max_position_embeddings)
         self.mesh = mesh
         self.exact_lengths = length_dependent(model)
-        graphdef = self.graphdef
-
-        @jax.jit
-        def score(state, tokens_UT, rows_R, starts_R, targets_RK):
-            net = nnx.merge(graphdef, state)
-            U, T = tokens_UT.shape
-            positions_UT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (U, T))
-            x_UTE, _ = net.run_layers(net.embed_tokens(tokens_UT), positions_UT)
-            K = targets_RK.shape[1]
-            pos_RK = jnp.minimum(starts_R[:, None] + jnp.arange(K, dtype=jnp.int32), T - 1)
-            h_RKE = x_UTE[rows_R[:, None], pos_RK]
-            logits_RKV = net.logits(h_RKE)
-            logp_RK = jnp.take_along_axis(logits_RKV, targets_RK[..., None], axis=-1)[..., 0]
-            logp_RK = logp_RK - jax.nn.logsumexp(logits_RKV, axis=-1)
-            greedy_RK = jnp.argmax(logits_RKV, axis=-1) == targets_RK
-            return logp_RK, greedy_RK
-
-        self._score = score
 
     # ------------------------------------------------------------------------------------------ batches
 
@@ -121,26 +143,35 @@ class Scorer:
         spec = logical_to_spec(axes, mesh, array.shape)
         return jax.device_put(array, jax.sharding.NamedSharding(mesh, spec))
 
-    def _run_batch(self, mesh, inputs: list[tuple[int, ...]], reqs: list[tuple[int, int, list[int]]], max_rows: int):
-        """inputs: the unique input rows; reqs: (row, start, targets). Returns per-request (logprob sum, greedy).
-        Rows are padded to a power of two (at most `max_rows`, then to a multiple of the mesh's batch axes)."""
+    def _bucket_shape(self, mesh, batches: list[list[tuple[int, ...]]], by_input, max_rows: int) -> _BucketShape:
+        """Rows: a power of two ≤ max_rows (fewer when the bucket holds fewer inputs), then a multiple of the mesh's
+        batch axes; scored positions: a power of two (≥ 16) covering the bucket's fullest batch."""
         multiple = 1 if mesh is None else int(mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1))
-        U = -(-bucket(len(inputs), 1, max_rows) // multiple) * multiple
-        T = self._padded_length(max(len(x) for x in inputs))
-        R = U * bucket(-(-len(reqs) // U), 1)
-        K = bucket(max(len(t) for _, _, t in reqs), MIN_SCORED_BUCKET, T)
+        n_inputs = sum(len(b) for b in batches)
+        U = -(-min(max_rows, bucket(n_inputs, 1)) // multiple) * multiple
+        T = self._padded_length(len(batches[0][0]))
+        most = max(sum(len(cont) for x in b for _, _, cont in by_input[x]) for b in batches)
+        return _BucketShape(U, T, -(-bucket(most, MIN_SCORED_BUCKET) // multiple) * multiple)
+
+    def _run_batch(self, mesh, shape: _BucketShape, inputs: list[tuple[int, ...]], reqs: list[tuple[int, int, list[int]]]):
+        """inputs: ≤ shape.rows unique input rows; reqs: (row, start, targets). Returns per-request (Σ log p, greedy)."""
+        U, T, P = shape.rows, shape.length, shape.scored
         tokens = np.zeros((U, T), np.int32)
         for u, x in enumerate(inputs):
             tokens[u, : len(x)] = x
-        rows, starts, targets = np.zeros(R, np.int32), np.zeros(R, np.int32), np.zeros((R, K), np.int32)
-        for r, (row, start, tgt) in enumerate(reqs):
-            rows[r], starts[r] = row, start
-            targets[r, : len(tgt)] = tgt
+        rows, pos, targets = np.zeros(P, np.int32), np.zeros(P, np.int32), np.zeros(P, np.int32)
+        spans, p = [], 0
+        for row, start, tgt in reqs:  # input position start + k predicts tgt[k]
+            n = len(tgt)
+            rows[p : p + n], pos[p : p + n], targets[p : p + n] = row, np.arange(start, start + n), tgt
+            spans.append((p, p + n))
+            p += n
+        assert len(inputs) <= U and p <= P
         args = (self._put(mesh, tokens, ("batch", "seq")), self._put(mesh, rows, ("batch",)),
-                self._put(mesh, starts, ("batch",)), self._put(mesh, targets, ("batch", "seq")))
-        logp_RK, greedy_RK = self._score(self.state, *args)
-        logp_RK, greedy_RK = np.asarray(logp_RK, np.float64), np.asarray(greedy_RK)
-        return [(float(logp_RK[r, : len(t)].sum()), bool(greedy_RK[r, : len(t)].all())) for r, (_, _, t) in enumerate(reqs)]
+                self._put(mesh, pos, ("batch",)), self._put(mesh, targets, ("batch",)))
+        logp_P, greedy_P = _score_positions(self.graphdef, self.state, *args)
+        logp_P, greedy_P = np.asarray(logp_P, np.float64), np.asarray(greedy_P)
+        return [(float(logp_P[a:b].sum()), bool(greedy_P[a:b].all())) for a, b in spans]
 
     def _group_by_input(self, requests: Sequence[TokenRequest]) -> dict[tuple[int, ...], list[tuple[int, int, list[int]]]]:
         """input row → [(request index, first scored position, continuation ids)], truncated as the harness does."""
@@ -157,29 +188,28 @@ class Scorer:
         return by_input
 
     def loglikelihoods(self, requests: Sequence[TokenRequest], batch_size: int = 8) -> list[tuple[float, bool]]:
-        """(Σ log p(continuation | context), is_greedy) for every request, in input order."""
+        """(Σ log p(continuation | context), is_greedy) for every request, in input order. Every request's numbers
+        are those of scoring it alone (up to fp32 summation order), whatever the batch size."""
         if batch_size < 1:
             raise ValueError(f"{batch_size=} must be ≥ 1")
         by_input = self._group_by_input(requests)
         # longest inputs first (a batch that does not fit in memory fails at once); a batch never mixes buckets
         order = sorted(by_input, key=lambda x: (-len(x), x))
-        results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
         mesh = self.mesh if self.mesh is not None else _current_mesh()
         enter_mesh = self.mesh is not None and _current_mesh() is None
         with compat.set_mesh(mesh) if enter_mesh else contextlib.nullcontext():
-            start = 0
-            while start < len(order):
-                T = self._padded_length(len(order[start]))
-                stop = start + 1
-                while stop < len(order) and stop - start < batch_size and self._padded_length(len(order[stop])) == T:
-                    stop += 1
-                inputs = order[start:stop]
-                flat = [(u, i, s, cont) for u, x in enumerate(inputs) for i, s, cont in by_input[x]]
-                scored = self._run_batch(mesh, inputs, [(u, s, cont) for u, _, s, cont in flat], batch_size)
-                for (_, i, _, _), res in zip(flat, scored):
-                    results[i] = res
-                start = stop
-        return results
+            for _, group in itertools.groupby(order, key=lambda x: self._padded_length(len(x))):
+                bucket_inputs = list(group)
+                batches = [bucket_inputs[s : s + batch_size] for s in range(0, len(bucket_inputs), batch_size)]
+                shape = self._bucket_shape(mesh, batches, by_input, batch_size)
+                for inputs in batches:
+                    flat = [(u, i, s, cont) for u, x in enumerate(inputs) for i, s, cont in by_input[x]]
+                    scored = self._run_batch(mesh, shape, inputs, [(u, s, cont) for u, _, s, cont in flat])
+                    for (_, i, _, _), res in zip(flat, scored):
+                        results[i] = res
+        assert all(r is not None for r in results)
+        return results  # type: ignore[return-value]
 
     # ------------------------------------------------------------------------------------------ perplexity
 
