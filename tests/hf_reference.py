@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 import transformers
@@ -48,3 +50,14 @@ def torch_model_like(model: Llama) -> transformers.LlamaForCausalLM:
 def rel_err(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run torch on n threads (tiny reference models are much faster on one thread of a busy 2-core machine)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)

@@ -2,7 +2,6 @@
 definitions, the scorer against transformers (tiny random Llama and the real SmolLM2), perplexity, task files,
 and the `lolcats_jax` lm_eval model end to end on a local task."""
 
-import contextlib
 import json
 import math
 import pathlib
@@ -21,6 +20,7 @@ from lolcats_jax.eval.encoding import PairEncoder
 from lolcats_jax.eval.scoring import Scorer, bucket, input_bucket
 from lolcats_jax.model import Llama, LlamaConfig, ModelOptions
 from lolcats_jax.tokenizer import load_tokenizer
+from tests.hf_reference import torch_threads
 
 OPTS = ModelOptions(param_dtype="float32", compute_dtype="float32")
 TINY = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=8, num_kv_heads=4, head_dim=8,
@@ -41,17 +41,6 @@ def init_model(cfg: LlamaConfig, seed: int, mesh=None, opts: ModelOptions = OPTS
 
     model = nnx.merge(graphdef, jax.tree_util.tree_map_with_path(fill, abstract))
     return shard_model(model, mesh) if mesh is not None else model
-
-
-@contextlib.contextmanager
-def torch_threads(n: int):
-    """One torch thread: the reference computations stay fast on a busy 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def torch_logliks(tm, requests, batch: int = 8):

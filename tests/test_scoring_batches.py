@@ -13,7 +13,6 @@ SmolLM2's attention shape (9 query heads, 3 KV heads, head dim 64, F = 64) so th
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -34,6 +33,7 @@ from lolcats_jax.eval.scoring import Scorer
 from lolcats_jax.model import Llama, LlamaConfig, LolcatsLayerOptions, LoraOptions, ModelOptions
 from lolcats_jax.model.build import abstract_model, shard_model
 from lolcats_jax.tokenizer import load_tokenizer
+from tests.hf_reference import torch_threads
 
 # SmolLM2's vocabulary and attention geometry, two thin layers
 CFG = LlamaConfig(vocab_size=49152, hidden_size=192, intermediate_size=256, num_layers=2, num_heads=9, num_kv_heads=3,
@@ -247,16 +247,6 @@ def test_lm_eval_adapter_is_batch_invariant(tok, task_set):
 
 
 # ------------------------------------------------------------------------------------------ independent scorer
-
-
-@contextlib.contextmanager
-def torch_threads(n: int):
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def torch_logliks_one_by_one(hf, requests, threads: int = 2) -> list[tuple[float, bool]]:
