@@ -32,6 +32,7 @@ from jax.experimental import multihost_utils
 from convert.errors import ConversionError
 from convert.keymap import param_maps
 from convert.safetensors_io import TensorSpec, write_atomic, write_sharded
+from lolcats_jax.fsio import commit_dir, remove_stale, staging_dir
 from lolcats_jax.model import Llama
 
 TOKENIZER_FILES = (
@@ -107,35 +108,35 @@ def export_hf(
             s.get()
         return []
 
-    def write(written: list[Path]) -> None:
-        written += write_sharded(out, specs, max_shard_size=max_shard_size)
+    def write(d: Path, written: list[Path]) -> None:
+        written += write_sharded(d, specs, max_shard_size=max_shard_size)
         config = _hf_config(model, specs[0].dtype)
-        write_atomic(out / "config.json", (json.dumps(config, indent=2) + "\n").encode())
-        written.append(out / "config.json")
+        write_atomic(d / "config.json", (json.dumps(config, indent=2) + "\n").encode())
+        written.append(d / "config.json")
         for f in tok_files:
-            _copy(f, out / f.name, written)
+            _copy(f, d / f.name, written)
 
     return _write_dir(out, write)
 
 
-def _write_dir(out: Path, write: Callable[[list[Path]], None]) -> list[Path]:
-    """Runs `write(written)` into the new/empty directory `out`; on failure removes what it wrote."""
+def _write_dir(out: Path, write: Callable[[Path, list[Path]], None]) -> list[Path]:
+    """Builds the new/empty directory `out` as a whole: `write(staging, written)` fills a hidden sibling, which is
+    renamed to `out` only when complete — a kill or an error at any moment leaves no `out` that looks finished
+    (a leftover `.<name>.staging-*` sibling is removed by the next export). Returns the final paths."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConversionError(f"{out}: exists and is not an empty directory; refusing to overwrite")
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
+    remove_stale(out)
+    staging = staging_dir(out)
     written: list[Path] = []
     try:
-        write(written)
+        write(staging, written)
+        if out.exists():
+            out.rmdir()  # the empty directory the caller may have prepared
+        commit_dir(staging, out)
     except BaseException:
-        for p in written:
-            p.unlink(missing_ok=True)
-        for p in out.glob(".*.tmp*"):
-            p.unlink(missing_ok=True)
-        if created and not any(out.iterdir()):
-            out.rmdir()
+        shutil.rmtree(staging, ignore_errors=True)
         raise
-    return written
+    return [out / p.relative_to(staging) for p in written]
 
 
 def _copy(src: Path, dst: Path, written: list[Path]) -> None:

@@ -19,7 +19,6 @@ and window logits) and, with LoRA, `finetune/final`, each with a `done.json`.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -126,6 +125,7 @@ def _check_config(text: str) -> None:
 def _write_run(out: Path, parsed: ParsedCheckpoint, ckpt_paths: Sequence[str | Path], config_text: str) -> None:
     import jax.numpy as jnp
 
+    from lolcats_jax.fsio import write_json_atomic, write_text_atomic
     from lolcats_jax.train.ckpt import save_params
 
     source = {"imported_from": [str(Path(p).absolute()) for p in ckpt_paths]}
@@ -138,8 +138,8 @@ def _write_run(out: Path, parsed: ParsedCheckpoint, ckpt_paths: Sequence[str | P
     for stage, params in stages.items():
         summary = {"stage": stage, **source}
         save_params(out / stage / "final", {k: jnp.asarray(v, jnp.float32) for k, v in params.items()}, summary)
-        (out / stage / "done.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "config.yaml").write_text(config_text)
+        write_json_atomic(out / stage / "done.json", summary)
+    write_text_atomic(out / "config.yaml", config_text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -166,7 +166,7 @@ def export_linearized(
 
         if jax.process_index() != 0:
             return []
-        return _write_dir(out, lambda written: written.extend(write_lolcats_checkpoint(model, out, out_dtype)))
+        return _write_dir(out, lambda d, written: written.extend(write_lolcats_checkpoint(model, d, out_dtype)))
 
     tok_files = _tokenizer_files(tokenizer_dir)
     specs = merged_base_specs(model, out_dtype) + lolcats_specs(model)
@@ -175,15 +175,15 @@ def export_linearized(
             s.get()
         return []
 
-    def write(written: list[Path]) -> None:
-        written += write_sharded(out, specs, max_shard_size=max_shard_size, metadata={"format": "pt"})
+    def write(d: Path, written: list[Path]) -> None:
+        written += write_sharded(d, specs, max_shard_size=max_shard_size, metadata={"format": "pt"})
         config = hf_config(model, specs[0].dtype)
-        write_atomic(out / "config.json", (json.dumps(config, indent=2) + "\n").encode())
-        written.append(out / "config.json")
+        write_atomic(d / "config.json", (json.dumps(config, indent=2) + "\n").encode())
+        written.append(d / "config.json")
         for name in MODELING_FILES:
-            _copy(MODELING_DIR / name, out / name, written)
+            _copy(MODELING_DIR / name, d / name, written)
         for f in tok_files:
-            _copy(f, out / f.name, written)
+            _copy(f, d / f.name, written)
 
     return _write_dir(out, write)
 

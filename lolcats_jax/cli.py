@@ -1,11 +1,30 @@
-"""Shared command-line plumbing: logging, and turning the project's user-facing errors into one clear line on
-stderr with exit code 2 (tracebacks only for genuine bugs)."""
+"""Shared command-line plumbing: logging, and turning every error a user can cause into one clear line on stderr
+with exit code 2.
+
+* the project's user-facing errors (`UserError`, `ConfigError`, `ConversionError`, …): their message;
+* exceptions of the storage and checkpoint libraries (Orbax, TensorStore, safetensors, grain) and OS errors
+  (disk full, permissions): wrapped as `error: <what failed>: <type>: <message>` — their own tracebacks say
+  nothing to a user; `--debug` (or `LOLCATS_DEBUG=1`) shows them.
+
+Anything else is a bug of this project and keeps its traceback (exit 1). The error types are looked up only in
+modules already imported, so reporting a config typo never imports JAX.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import sys
+
+# (module, class name) of the user-facing error types; a module not imported yet cannot have raised its error
+_USER_ERRORS = (
+    ("lolcats_jax.errors", "UserError"),
+    ("lolcats_jax.config", "ConfigError"),
+    ("lolcats_jax.model.llama_config", "UnsupportedModelError"),
+    ("convert.errors", "ConversionError"),
+)
+# top-level packages whose exceptions are reported without their traceback
+_LIBRARIES = ("orbax", "tensorstore", "safetensors", "grain", "yaml", "etils")
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -15,32 +34,54 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:
-    from lolcats_jax.config import ConfigError
-    from lolcats_jax.model.llama_config import UnsupportedModelError
-
-    types: list[type[BaseException]] = [ConfigError, UnsupportedModelError, FileNotFoundError]
-    try:
-        from convert.errors import ConversionError
-
-        types.append(ConversionError)
-    except ImportError:  # pragma: no cover
-        pass
-    from lolcats_jax.errors import UserError
-
-    types.append(UserError)
+    types: list[type[BaseException]] = [FileNotFoundError]
+    for module, name in _USER_ERRORS:
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None:
+            types.append(cls)
     return tuple(types)
+
+
+def library_error(e: BaseException) -> bool:
+    """True for an exception raised by a storage/checkpoint library or the OS (something outside this code)."""
+    if isinstance(e, OSError):
+        return True
+    return type(e).__module__.split(".")[0] in _LIBRARIES
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= 600 else text[:600] + " …"
 
 
 def run_main(main, *args) -> int:
     """Runs `main`; user errors → 'error: ...' on stderr and exit code 2."""
+    argv = args[0] if args and isinstance(args[0], list) else None
+    if argv is not None and "--debug" in argv:
+        argv.remove("--debug")
+        os.environ["LOLCATS_DEBUG"] = "1"
+    elif argv is None and "--debug" in sys.argv[1:]:
+        sys.argv.remove("--debug")
+        os.environ["LOLCATS_DEBUG"] = "1"
+    debug = env_flag("LOLCATS_DEBUG")
     try:
         return int(main(*args) or 0)
-    except user_error_types() as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if isinstance(e, user_error_types()):
+            if debug:
+                raise
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if library_error(e):
+            if debug:
+                raise
+            cause = f"{type(e).__module__.split('.')[0]} {type(e).__name__}" if not isinstance(e, OSError) else type(e).__name__
+            print(f"error: {cause}: {_one_line(e)} (run with --debug for the traceback)", file=sys.stderr)
+            return 2
+        raise
 
 
 def env_flag(name: str) -> bool:

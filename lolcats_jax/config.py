@@ -301,12 +301,19 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
         if not isinstance(loaded, Mapping):
             raise ConfigError(f"{where}: the top level must be a mapping of sections, got {type(loaded).__name__}")
         raw = dict(loaded)
-    for item in overrides:
-        raw = _merge(raw, _parse_override(item, f"{where} (command line)"))
     try:
         cfg = _build(Config, raw, "")
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
+    if overrides:
+        validate(cfg, where)  # the file's own mistakes are named as the file's
+        for item in overrides:  # then each override on its own, so a typo is blamed on the command line
+            raw = _merge(raw, _parse_override(item, "command line"))
+            try:
+                cfg = _build(Config, raw, "")
+            except ConfigError as e:
+                raise ConfigError(f"command-line override {item!r}: {e}") from None
+        where = f"{where} with the command-line overrides"
     validate(cfg, where)
     return cfg
 
@@ -346,6 +353,31 @@ def validate(cfg: Config, where: str = "<config>") -> None:
         raise ConfigError(f"{where}: attention.window_size must be positive, got {cfg.attention.window_size}")
 
 
+def _abs(p: str | None) -> str | None:
+    return p if not p else os.path.abspath(os.path.expanduser(p))
+
+
+def _abs_data(d: DataConfig) -> DataConfig:
+    return dataclasses.replace(d, train=tuple(_abs(p) for p in d.train), validation=tuple(_abs(p) for p in d.validation),
+                               tokenizer=_abs(d.tokenizer))
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """`cfg` with every file-system path made absolute (relative ones are relative to the working directory)."""
+    r = dataclasses.replace
+    return r(
+        cfg,
+        run=r(cfg.run, dir=_abs(cfg.run.dir)),
+        model=r(cfg.model, path=_abs(cfg.model.path), checkpoint=_abs(cfg.model.checkpoint),
+                architecture=_abs(cfg.model.architecture)),
+        distill=r(cfg.distill, data=_abs_data(cfg.distill.data)),
+        finetune=r(cfg.finetune, data=_abs_data(cfg.finetune.data)),
+        block=r(cfg.block, store=_abs(cfg.block.store)),
+        evaluate=r(cfg.evaluate, perplexity=tuple(_abs(p) for p in cfg.evaluate.perplexity),
+                   compare_runs=tuple(_abs(p) for p in cfg.evaluate.compare_runs)),
+    )
+
+
 def to_dict(cfg: Any) -> Any:
     """Plain YAML-able dict of a config (tuples as lists)."""
     if dataclasses.is_dataclass(cfg):
@@ -357,7 +389,6 @@ def to_dict(cfg: Any) -> Any:
 
 def dump_config(cfg: Config, path: str | os.PathLike) -> None:
     """Writes the resolved config atomically."""
-    tmp = f"{os.fspath(path)}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
-    os.replace(tmp, path)
+    from lolcats_jax.fsio import write_text_atomic
+
+    write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -39,8 +39,11 @@ def main(argv=None) -> int:
     from lolcats_jax.tokenizer import encode_prompt, eos_ids
 
     t0 = time.perf_counter()
+    print(f"[generate] loading {args.model} ({args.dtype}) …", file=sys.stderr, flush=True)
     model, tokenizer = load_for_generation(args.model, dtype=args.dtype)
     t_load = time.perf_counter() - t0
+    print(f"[generate] loaded in {t_load:.1f}s; compiling prefill and decode (the first tokens wait for it) …",
+          file=sys.stderr, flush=True)
     prompts = [encode_prompt(tokenizer, p, chat=args.chat) for p in args.prompt]
     gen = Generator(model)
     stream = len(prompts) == 1

@@ -295,8 +295,10 @@ def test_failed_export_leaves_nothing(hf_dirs, tmp_path, monkeypatch, pre_existi
     monkeypatch.setattr(safetensors_io, "_write_shard", failing)
     with pytest.raises(OSError, match="simulated"):
         flax_to_hf.export_hf(model, out, max_shard_size="40KB")
-    assert calls and calls[0].parent == out  # the first shard really was written before the failure
+    # the first shard really was written (into the staging sibling) before the failure
+    assert calls and calls[0].parent.parent == tmp_path and calls[0].parent.name.startswith(".out.staging-")
     assert (list(out.iterdir()) == []) if pre_existing else not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["out"] if pre_existing else [])  # no staging left behind
     monkeypatch.setattr(safetensors_io, "_write_shard", original)
     (out / "junk").parent.mkdir(exist_ok=True)
     (out / "junk").write_text("x")

@@ -219,7 +219,7 @@ def test_missing_file_error(tmp_path):
 def test_empty_dataset_errors(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
-    with pytest.raises(DataError, match=r"empty dataset: .*empty\.jsonl"):
+    with pytest.raises(DataError, match=r"empty\.jsonl: no records \(data.format="):
         load_records([empty], "alpaca")
     short = write_jsonl(tmp_path / "short.jsonl", [{"text": "abc"}])
     with pytest.raises(DataError, match=r"empty dataset after packing: .*short\.jsonl.*5 tokens"):

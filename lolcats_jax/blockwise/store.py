@@ -28,6 +28,7 @@ import numpy as np
 
 from lolcats_jax.blockwise.fingerprint import describe_difference, differences, fingerprint_id
 from lolcats_jax.errors import UserError
+from lolcats_jax.fsio import write_json_atomic
 
 STORE_VERSION = 1
 SPLITS = ("train", "validation")
@@ -56,14 +57,6 @@ class StoreLayout:
     @staticmethod
     def from_json(d: dict[str, Any]) -> "StoreLayout":
         return StoreLayout(int(d["seq_len"]), int(d["hidden"]), tuple(int(s) for s in d["starts"]), {k: int(v) for k, v in d["samples"].items()})
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Writes JSON through a temporary file and a rename (readers never see a partial file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 def _array_spec(path: Path, shape: tuple[int, ...] | None = None) -> dict[str, Any]:

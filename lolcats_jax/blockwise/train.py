@@ -25,8 +25,9 @@ from flax import nnx
 from lolcats_jax.blockwise.fingerprint import attention_signature, describe_difference, differences, model_fingerprint
 from lolcats_jax.blockwise.layout import Block, block_dir, partition, selected_blocks, store_dir
 from lolcats_jax.blockwise.model import full_options, load_block_model
-from lolcats_jax.blockwise.store import BlockInputStore, write_json_atomic
+from lolcats_jax.blockwise.store import BlockInputStore
 from lolcats_jax.errors import UserError
+from lolcats_jax.fsio import write_json_atomic
 from lolcats_jax.model.llama import FeatureMapParam, Llama, WindowParam
 from lolcats_jax.sharding import constrain
 from lolcats_jax.train.ckpt import save_params

@@ -96,7 +96,10 @@ def load_records(files: Sequence[Path], fmt: str) -> list[Record]:
         records.extend(_read_file(Path(path), fmt))
     if not records:
         names = ", ".join(str(f) for f in files) or "(no files)"
-        raise DataError(f"empty dataset: {names} hold no {fmt} records")
+        expects = {"alpaca": "JSON/JSONL records with instruction/input/output fields",
+                   "text": "non-blank .txt files or JSONL records with a 'text' field",
+                   "arrow": "Arrow tables with a 'text' column or Alpaca columns"}[fmt]
+        raise DataError(f"{names}: no records (data.format={fmt!r} expects {expects})")
     kinds = {type(r) for r in records}
     if len(kinds) > 1:
         raise DataError(f"{', '.join(map(str, files))}: mixes text documents and Alpaca records (expected one kind)")

@@ -22,7 +22,8 @@ TokenRequest = tuple[list[int], list[int]]  # (context ids, continuation ids)
 
 def encode(tokenizer, text: str, add_special_tokens: bool = True) -> list[int]:
     """Token ids of `text` (the tokenizer's default special tokens unless `add_special_tokens=False`)."""
-    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+    # verbose=False: documents longer than the tokenizer's model_max_length are expected (scored in windows)
+    return list(tokenizer(text, add_special_tokens=add_special_tokens, verbose=False)["input_ids"])
 
 
 def prefix_token_id(tokenizer) -> int:

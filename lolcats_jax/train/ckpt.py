@@ -4,6 +4,10 @@ temporary directory and renames it on commit; an uncommitted step is never resto
 
     <stage_dir>/checkpoints/<step>/   latest few states, for resuming
     <stage_dir>/best/<step>/          trainable parameters with the best evaluation loss
+
+Every save is idempotent, so a re-run that replays steps after a kill never trips over what the killed run already
+committed (docs/crash_consistency.md): a best step at or before the newest committed best is a replay of it and is
+skipped; `save_params` replaces an earlier result.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from lolcats_jax.crashpoints import crashpoint
 from lolcats_jax.errors import CheckpointError
 
 
@@ -24,9 +29,9 @@ def _abstract(tree: Any, shardings: Any) -> Any:
 class StageCheckpointer:
     def __init__(self, stage_dir: str | Path, max_to_keep: int = 2):
         self.dir = Path(stage_dir).absolute()
-        opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+        opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True)
         self.mngr = ocp.CheckpointManager(self.dir / "checkpoints", options=opts)
-        best_opts = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
+        best_opts = ocp.CheckpointManagerOptions(max_to_keep=1, create=True, cleanup_tmp_directories=True)
         self.best = ocp.CheckpointManager(self.dir / "best", options=best_opts)
 
     # ------------------------------------------------------------------------------------------ resume state
@@ -43,8 +48,10 @@ class StageCheckpointer:
         }
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+        crashpoint(f"checkpoint {self.dir.name}/{step}")
         self.mngr.save(step, args=ocp.args.Composite(**items), force=True)
         self.mngr.wait_until_finished()
+        crashpoint(f"checkpoint {self.dir.name}/{step} saved")
 
     def restore(self, step: int, trainable: dict, opt_state: Any, shardings: tuple, data_iter: Any | None):
         """Restores (trainable, opt_state, meta) of `step` onto the given shardings; `data_iter` in place."""
@@ -63,10 +70,19 @@ class StageCheckpointer:
 
     # ------------------------------------------------------------------------------------------ best params
 
-    def save_best(self, step: int, trainable: dict, meta: dict) -> None:
+    def save_best(self, step: int, trainable: dict, meta: dict) -> bool:
+        """Saves the best parameters of `step`; False (nothing written) when a best of this or a later step is
+        already committed — a resumed run replaying its evaluations (the replay is deterministic, so the committed
+        one is what it would write)."""
+        latest = self.best.latest_step()
+        if latest is not None and latest >= step:
+            return False
         args = ocp.args.Composite(state=ocp.args.StandardSave(trainable), meta=ocp.args.JsonSave(meta))
+        crashpoint(f"best {self.dir.name}/{step}")
         self.best.save(step, args=args, force=True)
         self.best.wait_until_finished()
+        crashpoint(f"best {self.dir.name}/{step} saved")
+        return True
 
     def best_step(self) -> int | None:
         return self.best.latest_step()
@@ -94,12 +110,19 @@ def _params_manager(path: Path, create: bool) -> ocp.CheckpointManager:
 
 
 def save_params(path: str | Path, params: dict, meta: dict) -> None:
-    """A stage's final trainable parameters (e.g. run_dir/distill/final), atomically."""
-    mngr = _params_manager(Path(path).absolute(), create=True)
+    """A stage's final trainable parameters (e.g. run_dir/distill/final), atomically; replaces an earlier result (a
+    re-run after a kill between this save and the stage's done marker)."""
+    path = Path(path).absolute()
+    mngr = _params_manager(path, create=True)
     meta = dict(meta, param_keys=sorted(params))
+    if 0 in mngr.all_steps():
+        crashpoint(f"replace {path.parent.name}/{path.name}")
+        mngr.delete(0)
+    crashpoint(f"save {path.parent.name}/{path.name}")
     mngr.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)), force=True)
     mngr.wait_until_finished()
     mngr.close()
+    crashpoint(f"save {path.parent.name}/{path.name} done")
 
 
 def load_params(path: str | Path, target: dict, shardings: dict | None = None) -> tuple[dict, dict]:

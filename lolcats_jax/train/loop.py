@@ -136,10 +136,14 @@ def train_loop(
         step_no, metrics = p
         m = jax.device_get(metrics)
         if not math.isfinite(float(m["loss"])):
+            if bar is not None:
+                bar.close()  # the error line goes below the bar, not into it
             last = ckpt.latest_step()
+            kept = (f"the last good checkpoint (step {last}) is kept in {ckpt.dir / 'checkpoints'}" if last is not None
+                    else "no checkpoint was written before it")
             raise NonFiniteLossError(
-                f"[{name}] the training loss became {float(m['loss'])} at step {step_no}; stopped. "
-                f"The last good checkpoint (step {last}) is kept in {ckpt.dir / 'checkpoints'}"
+                f"[{name}] the training loss became {float(m['loss'])} at step {step_no}; stopped ({kept}). "
+                "Lower the learning rate or enable optim.clip_norm"
             )
         if step_no % cfg.log_every == 0 or step_no == cfg.max_steps:
             writer.write("train", step_no, {k: v for k, v in m.items() if np.asarray(v).size == 1})

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from lolcats_jax.fsio import atomic_path
 
 
 class MetricsWriter:
@@ -21,9 +22,9 @@ class MetricsWriter:
         self.enabled = enabled
         self._tb = None
         if enabled:
+            _end_partial_line(self.run_dir / "metrics.jsonl")
             try:
-                from tensorboardX import SummaryWriter
-
+                SummaryWriter = _tensorboardx_writer()
                 self._tb = SummaryWriter(str(self.run_dir / "tensorboard" / stage))
             except Exception as e:  # pragma: no cover - tensorboardX is a dependency
                 print(f"[{stage}] TensorBoard disabled: {e}", file=sys.stderr)
@@ -34,7 +35,7 @@ class MetricsWriter:
         clean = {k: _scalar(v) for k, v in values.items() if _scalar(v) is not None}
         rec = {"stage": self.stage, "kind": kind, "step": int(step), "time": time.time(), **clean}
         with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(rec) + "\n")
+            f.write(json.dumps(rec) + "\n")  # one write of one line: a kill leaves at most a partial last line
         if self._tb is not None:
             for k, v in clean.items():
                 self._tb.add_scalar(f"{self.stage}/{kind}/{k}", v, step)
@@ -43,6 +44,32 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.flush()
             self._tb.close()
+
+
+def _tensorboardx_writer():
+    """tensorboardX's SummaryWriter, imported without torch unless torch is already loaded: tensorboardX only
+    probes for it (to accept torch tensors, which this project never logs), and the probe costs ~4 s per process."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # type: ignore[assignment]  # `import torch` raises ImportError during the import
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
+def _end_partial_line(path: Path) -> None:
+    """Terminates a record a killed run left half-written, so the next record starts on its own line."""
+    try:
+        with open(path, "rb+") as f:
+            f.seek(0, 2)
+            if f.tell() and (f.seek(-1, 2), f.read(1))[1] != b"\n":
+                f.write(b"\n")
+    except FileNotFoundError:
+        pass
 
 
 def _scalar(v: Any) -> float | None:
@@ -58,7 +85,10 @@ def read_metrics(run_dir: str | Path, stage: str | None = None, kind: str | None
         return []
     out = []
     for line in path.read_text().splitlines():
-        rec = json.loads(line)
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the partial record of a killed run
         if (stage is None or rec["stage"] == stage) and (kind is None or rec["kind"] == kind):
             out.append(rec)
     return out
@@ -91,11 +121,9 @@ def plot_losses(run_dir: str | Path, stage: str) -> Path | None:
     ax.legend()
     fig.tight_layout()
     out = Path(run_dir) / "plots" / f"{stage}_loss.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(f".tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, out)
     return out
 
 

@@ -5,13 +5,13 @@ written to `<run.dir>/report.md`, `<run.dir>/evaluate/results.json` and a bar ch
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import jax
 
 from lolcats_jax.errors import UserError
+from lolcats_jax.fsio import atomic_path, write_text_atomic
 from lolcats_jax.train.stages import RunContext, attention_source_stage, load_base, load_stage_params, stage_done
 
 
@@ -216,10 +216,7 @@ def _f(x) -> str:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
 
 
 def _bar_chart(path: Path, models: dict) -> None:
@@ -243,8 +240,6 @@ def _bar_chart(path: Path, models: dict) -> None:
     ax.set_ylabel("accuracy")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)

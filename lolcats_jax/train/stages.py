@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from flax import nnx
 
 from lolcats_jax.config import Config
 from lolcats_jax.errors import CheckpointError, UserError
+from lolcats_jax.fsio import write_json_atomic
 from lolcats_jax.model.build import model_options
 from lolcats_jax.model.llama import FeatureMapParam, Llama, LoraParam, WindowParam
 from lolcats_jax.model.llama_config import LlamaConfig
@@ -98,11 +98,14 @@ def stage_done(ctx: RunContext, stage: str) -> dict | None:
 def mark_done(ctx: RunContext, stage: str, summary: dict) -> None:
     if not ctx.is_main:
         return
-    path = ctx.stage_dir(stage) / "done.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, path)
+    write_json_atomic(ctx.stage_dir(stage) / "done.json", summary)
+
+
+def clear_done(ctx: RunContext, stage: str) -> None:
+    """A stage that (re)starts withdraws its done marker first: whatever it rewrites (e.g. `final/`) is then never
+    behind a marker that calls it finished."""
+    if ctx.is_main:
+        (ctx.stage_dir(stage) / "done.json").unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------------------- data
