@@ -37,3 +37,20 @@ def test_other_tokenizer_classes_go_through_auto_tokenizer(smollm2_dir, tmp_path
     cfg = json.loads((d / "tokenizer_config.json").read_text())
     (d / "tokenizer_config.json").write_text(json.dumps({**cfg, "tokenizer_class": "GPT2Tokenizer"}))
     _same(load_tokenizer(d), transformers.AutoTokenizer.from_pretrained(str(d), local_files_only=True))
+
+
+def test_long_documents_encode_without_the_length_warning(smollm2_dir, caplog):
+    import logging
+
+    from lolcats_jax.eval.encoding import encode
+
+    tok = load_tokenizer(smollm2_dir)
+    text = "word " * (tok.model_max_length + 100)
+    with caplog.at_level(logging.WARNING):
+        tok(text)  # the plain call warns: the check below can see it
+    assert any("longer than the specified maximum" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    tok = load_tokenizer(smollm2_dir)  # transformers warns once per tokenizer object
+    with caplog.at_level(logging.WARNING):
+        assert len(encode(tok, text)) > tok.model_max_length
+    assert not any("longer than the specified maximum" in r.getMessage() for r in caplog.records)

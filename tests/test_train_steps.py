@@ -266,3 +266,56 @@ def test_lora_dropout_matches_torch_with_the_same_masks(tiny_dir):
         gb_t = gb.T if t == "o" else gb.reshape(gb.shape[0], -1).T
         for mine, theirs in ((ga_t, a.grad.numpy()), (gb_t, b.grad.numpy())):
             assert np.linalg.norm(mine - theirs) / max(np.linalg.norm(theirs), 1e-12) < 1e-4, (t, i)
+
+
+def test_gradient_accumulation_traces_the_model_once_and_equals_one_big_batch(tiny_dir):
+    """A=2 micro-batches of 2 sequences: the step's program holds one copy of forward+backward (the scan body, not a
+    peeled first micro-batch beside it), and its gradient is that of the batch of 4 (equal token counts)."""
+    cfg = _cfg(tiny_dir)
+    mesh = make_mesh(MeshShape(1, 1, 1), devices=jax.devices()[:1])
+    tokens = _tokens(4, 24, seed=5)
+    with compat.set_mesh(mesh):
+        split = split_model(_load(cfg, mesh, lora=cfg.finetune.lora), LoraParam)
+        tx = make_optimizer(OptimizerConfig(lr=LR))
+        init_opt, train, _, _ = build_steps(split, tx, lm_loss, mesh)
+        opt = init_opt(split.trainable)
+
+        def batch(A):
+            x = jnp.asarray(tokens).reshape(A, 4 // A, 24)
+            return {"input_ids": x, "labels": x}
+
+        dots = {}
+        for A in (1, 2):
+            hlo = train.lower(split.trainable, opt, split.frozen, batch(A), jnp.float32(LR), jax.random.PRNGKey(0)).as_text()
+            dots[A] = hlo.count("dot_general")
+        assert dots[2] == dots[1], dots  # peeling the first micro-batch would double the model's dots
+        fresh = lambda: jax.tree.map(jnp.copy, split.trainable)  # the step donates its parameters
+        m = {A: train(fresh(), init_opt(fresh()), split.frozen, batch(A), jnp.float32(LR), jax.random.PRNGKey(0))[2]
+             for A in (1, 2)}
+    np.testing.assert_allclose(float(m[2]["loss"]), float(m[1]["loss"]), rtol=1e-5)
+    np.testing.assert_allclose(float(m[2]["grad_norm"]), float(m[1]["grad_norm"]), rtol=1e-4)
+
+
+def test_batches_that_do_not_divide_the_mesh_degrade_to_what_divides(tiny_dir):
+    """The 8B recipe's batch of 1 on an 8-device FSDP mesh: the batch is split over the axes it divides (here none),
+    the step runs and equals the one-device step."""
+    from lolcats_jax.train.loop import to_global_batch
+    from lolcats_jax.train.step import batch_axes
+
+    mesh8 = make_mesh(MeshShape(2, 4, 1))
+    assert [batch_axes(mesh8, b) for b in (8, 2, 4, 1, 3)] == [("data", "fsdp"), ("data",), ("fsdp",), (), ()]
+    cfg = _cfg(tiny_dir)
+    tokens = _tokens(1, 24, seed=7)
+    losses = []
+    for mesh in (make_mesh(MeshShape(1, 1, 1), devices=jax.devices()[:1]), make_mesh(MeshShape(1, 8, 1))):
+        with compat.set_mesh(mesh):
+            split = split_model(_load(cfg, mesh), nnx.Any(FeatureMapParam, WindowParam))
+            tx = make_optimizer(OptimizerConfig(lr=LR))
+            init_opt, train, evaluate, _ = build_steps(split, tx, functools.partial(distill_loss, mse_factor=1000.0, xent_factor=0.0), mesh)
+            batch = to_global_batch({"input_ids": tokens, "labels": tokens}, mesh, accumulate=1)
+            assert batch["input_ids"].shape == (1, 1, 24)
+            t, o = jax.tree.map(jnp.copy, split.trainable), init_opt(split.trainable)
+            t, o, m = train(t, o, split.frozen, batch, jnp.float32(LR), jax.random.PRNGKey(0))
+            ev = evaluate(t, split.frozen, to_global_batch({"input_ids": tokens, "labels": tokens}, mesh))
+            losses.append((float(m["loss"]), float(ev["loss"])))
+    np.testing.assert_allclose(losses[0], losses[1], rtol=2e-5)

@@ -10,8 +10,10 @@ built in; PALLAS / TRITON are plugged in with `register_backend`, or registered 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
+import logging
 from typing import Callable, Iterable
 
 import jax
@@ -20,20 +22,34 @@ from jaxtyping import Array, Float
 from kernels.lolcats.spec import Backend, FeatureMapParams, LolcatsSpec
 
 AttentionFn = Callable[..., Array]
+# (spec, q_shape, v_shape, feature_dim) -> None if the backend runs these shapes, else why not
+UnsupportedFn = Callable[[LolcatsSpec, tuple, tuple, int], "str | None"]
+_log = logging.getLogger("kernels.lolcats")
 
-_REGISTRY: dict[Backend, tuple[AttentionFn, tuple[str, ...] | None]] = {}
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    fn: AttentionFn
+    platforms: tuple[str, ...] | None
+    unsupported: UnsupportedFn | None
+
+
+_REGISTRY: dict[Backend, _Entry] = {}
+_FALLBACKS_LOGGED: set[tuple] = set()
 _AUTOLOAD_MODULES = {Backend.PALLAS: "kernels.lolcats.pallas", Backend.TRITON: "kernels.lolcats.triton"}
 
 
-def register_backend(backend: Backend | str, fn: AttentionFn, *, platforms: Iterable[str] | None = None) -> None:
+def register_backend(backend: Backend | str, fn: AttentionFn, *, platforms: Iterable[str] | None = None,
+                     unsupported: UnsupportedFn | None = None) -> None:
     """Register `fn(q, k, v, fmap, theta_H, spec) -> y` as the implementation of `backend`.
 
-    platforms: the JAX platforms ("cpu", "gpu", "tpu") it can run on; None = any. Re-registering replaces.
+    platforms: the JAX platforms ("cpu", "gpu", "tpu") it can run on; None = any. unsupported: says why the
+    backend cannot take given shapes (Backend.AUTO then falls back to CHUNKED). Re-registering replaces.
     """
     backend = Backend(backend)
     if backend is Backend.AUTO:
         raise ValueError("Backend.AUTO is resolved, not registered")
-    _REGISTRY[backend] = (fn, None if platforms is None else tuple(platforms))
+    _REGISTRY[backend] = _Entry(fn, None if platforms is None else tuple(platforms), unsupported)
 
 
 def registered_backends() -> tuple[Backend, ...]:
@@ -66,17 +82,19 @@ def _platform() -> str:
     return jax.default_backend()
 
 
-def resolve_backend(backend: Backend | str, spec: LolcatsSpec) -> Backend:
+def resolve_backend(backend: Backend | str, spec: LolcatsSpec, shapes: tuple[tuple, tuple, int] | None = None) -> Backend:
     """A concrete backend for `spec` on this machine, or a ValueError/RuntimeError that says why not.
 
     AUTO → REFERENCE for compat tk masks (the only backend that has them); otherwise on GPU → PALLAS if one is
-    registered (or importable), else CHUNKED; on CPU/TPU → CHUNKED.
+    registered (or importable) and takes `shapes` = (q_shape, v_shape, feature_dim) when given, else CHUNKED (the
+    reason logged once per shape); on CPU/TPU → CHUNKED.
     """
     backend = Backend(backend)
     if backend is Backend.AUTO:
         if spec.uses_compat_masks:
             backend = Backend.REFERENCE
-        elif _platform() == "gpu" and _ensure_loaded(Backend.PALLAS) and _runs_here(Backend.PALLAS):
+        elif _platform() == "gpu" and _ensure_loaded(Backend.PALLAS) and _runs_here(Backend.PALLAS) \
+                and _takes(Backend.PALLAS, spec, shapes):
             backend = Backend.PALLAS
         else:
             backend = Backend.CHUNKED
@@ -88,13 +106,29 @@ def resolve_backend(backend: Backend | str, spec: LolcatsSpec) -> Backend:
                            f"{_AUTOLOAD_MODULES.get(backend)!r} is absent or did not call register_backend)")
     if not _runs_here(backend):
         raise RuntimeError(f"{backend} cannot run on platform {_platform()!r}; it is registered for "
-                           f"{_REGISTRY[backend][1]}")
+                           f"{_REGISTRY[backend].platforms}")
     return backend
 
 
 def _runs_here(backend: Backend) -> bool:
-    platforms = _REGISTRY[backend][1]
+    platforms = _REGISTRY[backend].platforms
     return platforms is None or _platform() in platforms
+
+
+def _takes(backend: Backend, spec: LolcatsSpec, shapes: tuple[tuple, tuple, int] | None) -> bool:
+    check = _REGISTRY[backend].unsupported
+    if shapes is None or check is None:
+        return True
+    q_shape, v_shape, feature_dim = shapes
+    reason = check(spec, tuple(q_shape), tuple(v_shape), int(feature_dim))
+    if reason is None:
+        return True
+    key = (backend, spec, tuple(q_shape), tuple(v_shape), int(feature_dim))
+    if key not in _FALLBACKS_LOGGED:
+        _FALLBACKS_LOGGED.add(key)
+        _log.warning("Backend.AUTO: %s cannot run q %s, v %s, feature dim %d (%s); using %s", backend.value,
+                     tuple(q_shape), tuple(v_shape), feature_dim, reason, Backend.CHUNKED.value)
+    return False
 
 
 def check_inputs(q, k, v, fmap: FeatureMapParams, theta_H, spec: LolcatsSpec) -> None:
@@ -129,5 +163,6 @@ def lolcats_attention(
     the linear and softmax forms; fmap is unused by the softmax form.
     """
     check_inputs(q, k, v, fmap, theta_H, spec)
-    fn, _ = _REGISTRY[resolve_backend(backend, spec)]
-    return fn(q, k, v, fmap, theta_H, spec)
+    feature_dim = 0 if spec.form == "softmax" else fmap.wq.shape[-1]
+    entry = _REGISTRY[resolve_backend(backend, spec, (q.shape, v.shape, feature_dim))]
+    return entry.fn(q, k, v, fmap, theta_H, spec)

@@ -197,4 +197,4 @@ def lolcats_attention_pallas(q, k, v, fmap, theta_H, spec):
     return pallas_lolcats_attention(q, k, v, fmap, theta_H, spec)
 
 
-register_backend(Backend.PALLAS, lolcats_attention_pallas)
+register_backend(Backend.PALLAS, lolcats_attention_pallas, unsupported=unsupported_reason)

@@ -21,8 +21,7 @@ from lolcats_jax.train.losses import distill_loss
 def attention_mse(ctx, model: Llama) -> dict:
     """{"mse": mean over layers, "layer_mse": [per layer], "batches": n, "tokens": n} — averages over batches."""
     from lolcats_jax.data.pipeline import build_datasets, make_eval_iterator
-    from lolcats_jax.train.loop import _to_global
-    from lolcats_jax.train.step import batch_sharding
+    from lolcats_jax.train.loop import to_global_batch
 
     d, n_batches = ctx.cfg.distill, ctx.cfg.evaluate.attention_mse_batches
     _, val_ds = build_datasets(d.data, ctx.tokenizer, max_context=ctx.llama_cfg.max_position_embeddings,
@@ -37,11 +36,10 @@ def attention_mse(ctx, model: Llama) -> dict:
         _, metrics = distill_loss(nnx.merge(graphdef, state), batch, mse_factor=1.0, xent_factor=0.0)
         return metrics["mse"], metrics["layer_mse"]
 
-    sharding = batch_sharding(ctx.mesh, accumulate=False)
     total, layers, n, tokens = 0.0, None, 0, 0
     for batch in make_eval_iterator(val_ds, local, max_batches=n_batches):
         ids = {"input_ids": np.asarray(batch["input_ids"])}
-        mse, layer_mse = jax.device_get(measure(state, _to_global(ids, sharding, (local,))))
+        mse, layer_mse = jax.device_get(measure(state, to_global_batch(ids, ctx.mesh)))
         total += float(mse)
         layers = np.asarray(layer_mse, np.float64) + (0.0 if layers is None else layers)
         n += 1

@@ -59,26 +59,29 @@ class LoopResult:
 BATCH_KEYS = ("input_ids", "labels", "hidden")  # "hidden": (…, T, E) block inputs of the block-wise stage
 
 
-def _to_global(batch: dict[str, np.ndarray], sharding, leading: tuple[int, ...]) -> dict[str, jax.Array]:
+def to_global_batch(batch: dict[str, np.ndarray], mesh, accumulate: int | None = None) -> dict[str, jax.Array]:
+    """This process's rows of a batch as global arrays sharded by `batch_sharding`; with `accumulate=A` the rows are
+    reshaped to (A, B, ...) micro-batches."""
     out = {}
     for k in BATCH_KEYS:
         if k not in batch:
             continue
         x = np.asarray(batch[k])
-        x = x.reshape(*leading, *x.shape[1:])
+        if accumulate is not None:
+            x = x.reshape(accumulate, -1, *x.shape[1:])
+        B = x.shape[1 if accumulate is not None else 0] * jax.process_count()
+        sharding = batch_sharding(mesh, accumulate is not None, B)
         out[k] = jax.make_array_from_process_local_data(sharding, x)
     return out
 
 
 def evaluate_loss(evaluate, trainable, frozen, val_batches: Callable[[], Iterable[dict]], mesh, max_batches: int | None) -> dict:
-    sharding = batch_sharding(mesh, accumulate=False)
     sums: dict[str, float] = {}
     n = 0
     for i, batch in enumerate(val_batches()):
         if max_batches is not None and i >= max_batches:
             break
-        b = np.asarray(next(batch[k] for k in BATCH_KEYS if k in batch)).shape[0]
-        metrics = evaluate(trainable, frozen, _to_global(batch, sharding, (b,)))
+        metrics = evaluate(trainable, frozen, to_global_batch(batch, mesh))
         for k, v in jax.device_get(metrics).items():
             if np.asarray(v).size == 1:
                 sums[k] = sums.get(k, 0.0) + float(np.asarray(v).reshape(()))  # (1,) per-layer metrics too
@@ -125,7 +128,6 @@ def train_loop(
         writer.write("eval", 0, ev)
         _log(is_main, f"[{name}] step 0 eval loss {ev['loss']:.5g}")
 
-    sharding = batch_sharding(mesh, accumulate=True)
     base_key = jax.random.PRNGKey(cfg.seed)
     pending: tuple[int, Any] | None = None
     t0 = time.perf_counter()
@@ -155,7 +157,7 @@ def train_loop(
         except StopIteration:
             raise UserError(f"[{name}] the training data ran out at step {step}") from None
         lr = learning_rate(cfg.optim, step, cfg.max_steps, plateau)
-        gbatch = _to_global(batch, sharding, (cfg.grad_accum, -1))
+        gbatch = to_global_batch(batch, mesh, accumulate=cfg.grad_accum)
         key = jax.random.fold_in(base_key, step)
         trainable, opt_state, metrics = train(trainable, opt_state, split.frozen, gbatch, jnp.float32(lr), key)
         steps_done += 1
@@ -231,4 +233,4 @@ def _update_bar(bar, m: dict, steps_done: int, t0: float, tokens_per_batch: int)
     bar.set_postfix(loss=f"{float(m['loss']):.4g}", tok_s=f"{steps_done * tokens_per_batch / max(elapsed, 1e-9):.0f}", refresh=False)
 
 
-__all__ = ["train_loop", "LoopConfig", "LoopResult", "evaluate_loss", "NonFiniteLossError", "fmt_eta"]
+__all__ = ["train_loop", "LoopConfig", "LoopResult", "evaluate_loss", "to_global_batch", "NonFiniteLossError", "fmt_eta"]

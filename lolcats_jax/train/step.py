@@ -10,6 +10,7 @@ LoRA dropout: micro-batch i uses fold_in(key, i); evaluation never drops out.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 import jax
@@ -18,6 +19,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from lolcats_jax.errors import UserError
 from lolcats_jax.model.llama import Llama
 from lolcats_jax.sharding import param_shardings
 
@@ -64,8 +66,30 @@ def count_params(tree) -> int:
     return int(sum(x.size for x in jax.tree.leaves(tree)))
 
 
-def batch_sharding(mesh: jax.sharding.Mesh, accumulate: bool) -> NamedSharding:
-    spec = P(None, ("data", "fsdp"), None) if accumulate else P(("data", "fsdp"), None)
+BATCH_AXES = ("data", "fsdp")  # the mesh axes a batch's sequences are split over
+
+
+def batch_axes(mesh: jax.sharding.Mesh, batch_size: int | None) -> tuple[str, ...]:
+    """The mesh axes to split `batch_size` sequences over: ("data", "fsdp") when the batch divides them; in a
+    single-process run it degrades to the largest of ("data",), ("fsdp",), () that divides (e.g. the 8B recipe's
+    batch of 1 on an 8-GPU box: every device computes the sample, nothing fails). Several processes each feed their
+    own rows, so there the batch must divide data × fsdp."""
+    if batch_size is None:
+        return BATCH_AXES
+    candidates = [BATCH_AXES] if jax.process_count() > 1 else [BATCH_AXES, ("data",), ("fsdp",), ()]
+    size = lambda axes: math.prod(mesh.shape[a] for a in axes)
+    fits = [axes for axes in candidates if batch_size % size(axes) == 0]
+    if fits:
+        return max(fits, key=size)  # the most devices sharing the work (the first of equals)
+    raise UserError(f"a batch of {batch_size} sequences cannot be split over data × fsdp = "
+                    f"{mesh.shape['data']} × {mesh.shape['fsdp']} devices of {jax.process_count()} processes: "
+                    "make the batch size a multiple of data × fsdp")
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, accumulate: bool, batch_size: int | None = None) -> NamedSharding:
+    """Sharding of a (B, T) batch, or (A, B, T) with `accumulate` (micro-batches along A, unsplit)."""
+    axes = batch_axes(mesh, batch_size) or None
+    spec = P(None, axes, None) if accumulate else P(axes, None)
     return NamedSharding(mesh, spec)
 
 
@@ -91,11 +115,13 @@ def build_steps(split: Split, tx: optax.GradientTransformation, loss_fn: LossFn,
             (_, metrics), grads = grad_fn(trainable, frozen, mb, jax.random.fold_in(key, i))
             return _tree_add(carry, (grads, metrics)), None
 
-        first = jax.tree.map(lambda x: x[0], batch_ABT)
-        (_, m0), g0 = grad_fn(trainable, frozen, first, jax.random.fold_in(key, 0))
-        if A > 1:
-            rest = jax.tree.map(lambda x: x[1:], batch_ABT)
-            (g0, m0), _ = jax.lax.scan(micro, (g0, m0), (rest, jnp.arange(1, A)))
+        if A == 1:
+            (_, m0), g0 = grad_fn(trainable, frozen, jax.tree.map(lambda x: x[0], batch_ABT), jax.random.fold_in(key, 0))
+        else:  # one trace of forward+backward, inside the scan (the zero start adds exactly nothing)
+            first = jax.tree.map(lambda x: x[0], batch_ABT)
+            m_shape = jax.eval_shape(lambda: grad_fn(trainable, frozen, first, key)[0][1])
+            zeros = (jax.tree.map(jnp.zeros_like, trainable), jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), m_shape))
+            (g0, m0), _ = jax.lax.scan(micro, zeros, (batch_ABT, jnp.arange(A)))
             g0 = jax.tree.map(lambda g: g / A, g0)
             m0 = jax.tree.map(lambda m: m / A, m0)
         opt_state.hyperparams["learning_rate"] = lr
@@ -113,11 +139,11 @@ def build_steps(split: Split, tx: optax.GradientTransformation, loss_fn: LossFn,
     init_opt = jax.jit(tx.init, in_shardings=(t_shard,), out_shardings=o_shard)
     train = jax.jit(
         train_step,
-        in_shardings=(t_shard, o_shard, f_shard, batch_sharding(mesh, True), replicated, replicated),
+        in_shardings=(t_shard, o_shard, f_shard, None, replicated, replicated),  # the batch's own (batch_sharding)
         out_shardings=(t_shard, o_shard, replicated),
         donate_argnums=(0, 1),
     )
-    evaluate = jax.jit(eval_step, in_shardings=(t_shard, f_shard, batch_sharding(mesh, False)), out_shardings=replicated)
+    evaluate = jax.jit(eval_step, in_shardings=(t_shard, f_shard, None), out_shardings=replicated)
     return init_opt, train, evaluate, (t_shard, o_shard, f_shard)
 
 
