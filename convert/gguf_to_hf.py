@@ -560,4 +560,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from lolcats_jax.cli import run_main  # library/OS errors outside main's own handling: one line, exit 2
+
+    sys.exit(run_main(main))

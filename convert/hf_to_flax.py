@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -37,6 +39,8 @@ from convert.safetensors_io import FLOAT_DTYPES, SafetensorsDir
 from lolcats_jax import sharding as shd
 from lolcats_jax.model import Llama, LlamaConfig, ModelOptions, UnsupportedModelError
 from lolcats_jax.model.options import to_dtype
+
+_log = logging.getLogger("lolcats_jax.load")
 
 NnxPath = tuple[str, ...]  # a parameter path in the nnx state, e.g. ("layers", "wq")
 
@@ -121,12 +125,20 @@ def load_hf_params(
         raise AssertionError(f"model base parameters {sorted(base_paths)} differ from the key map {sorted(maps)}")
 
     values: dict[NnxPath, jax.Array] = {}
+    total = sum(math.prod(pm.shape) for pm in maps.values()) * dtype.itemsize
+    done, t0 = 0, time.perf_counter()
+    say = _log.info if jax.process_index() == 0 else (lambda *a: None)
+    say("loading %s: %d stacked tensors, %.2f GiB as %s", model_dir, len(maps), total / 2**30, param_dtype)
     for path, pm in maps.items():
         want = flat[path].get_value()
         if tuple(want.shape) != pm.shape:
             raise AssertionError(f"{'.'.join(path)}: model shape {want.shape} != key map shape {pm.shape}")
         values[path] = _make_array(pm, files, shardings[path], dtype)
+        done += math.prod(pm.shape) * dtype.itemsize
+        if total >= 2**30:  # big models: a line per stacked tensor, so minutes of loading are never silent
+            say("  %-28s %5.1f%% (%.0f s)", ".".join(map(str, path)), 100 * done / total, time.perf_counter() - t0)
     values.update(_init_extra(cfg, opts, seed, abstract, set(flat) - base_paths, mesh))
+    say("loaded %s in %.1f s", model_dir.name, time.perf_counter() - t0)
 
     new_state = nnx.from_flat_state([(p, flat[p].replace(values[p])) for p in flat])
     return nnx.merge(graphdef, new_state)
@@ -185,4 +197,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from lolcats_jax.cli import run_main  # library/OS errors outside main's own handling: one line, exit 2
+
+    sys.exit(run_main(main))
