@@ -2,7 +2,7 @@
 
 * a run, SIGKILLed in the middle of attention transfer and re-run, ends bit-identical to an uninterrupted run;
 * finished stages are skipped; only the intended parameters change in each stage;
-* two local processes (jax.distributed on 127.0.0.1) give the losses of a one-process run;
+* two local processes (jax.distributed on 127.0.0.1) give the losses, parameters, scores and export of one process;
 * bad config / data / run dir → one clear line and exit code 2.
 """
 
@@ -45,9 +45,15 @@ def _train_cmd(overrides, stage=None):
 def _final_params(run_dir: Path, stage: str) -> dict:
     import orbax.checkpoint as ocp
 
+    import jax
+
     path = (run_dir / stage / "final").absolute()
-    mngr = ocp.CheckpointManager(path)
-    out = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    mngr = ocp.CheckpointManager(path, item_handlers={"state": ocp.StandardCheckpointHandler()})
+    step = mngr.latest_step()
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # whatever devices/processes saved it
+    meta = mngr.item_metadata(step)["state"]
+    target = {k: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one) for k, m in meta.items()}
+    out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
     return {k: np.asarray(v) for k, v in out["state"].items()}
 
 
@@ -123,12 +129,24 @@ def test_full_recipe_and_stage_skipping(tiny, tmp_path):
     assert res2.returncode == 0 and res2.stderr.count("already finished") == 4, res2.stderr[-2000:]
 
 
+def _without_timings(x):
+    if isinstance(x, dict):
+        return {k: _without_timings(v) for k, v in x.items() if k not in ("seconds", "tokens_per_s")}
+    if isinstance(x, list):
+        return [_without_timings(v) for v in x]
+    return x
+
+
 def test_two_processes_match_one(tiny, tmp_path):
-    """2 local processes × 1 CPU device each (jax.distributed on 127.0.0.1) vs 1 process × 2 devices: same losses."""
+    """The whole recipe — distill, finetune, evaluate (perplexity, attention MSE, a benchmark task), export — as 2
+    local processes × 1 CPU device each (jax.distributed on 127.0.0.1) vs 1 process × 2 devices: the same losses,
+    parameters, scores and exported files."""
     import portpicker
 
     model_dir, data_dir = tiny
-    common = ["run.stages=[distill]", "distill.max_steps=3", "distill.eval_every=3", "distill.checkpoint_every=3", "mesh.fsdp=-1"]
+    common = ["run.stages=[distill,finetune,evaluate,export]", "distill.max_steps=3", "distill.eval_every=3",
+              "distill.checkpoint_every=3", "finetune.max_steps=2", "mesh.fsdp=-1", "evaluate.attention_mse_batches=2",
+              "evaluate.tasks=[arc_easy]", "evaluate.limit=4", "evaluate.task_models=[teacher,finetune]"]
     one = tmp_path / "one"
     r = subprocess.run(_train_cmd(tiny_overrides(model_dir, data_dir, one) + common), cwd=REPO, capture_output=True, text=True,
                        env=_env({"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}))
@@ -149,11 +167,37 @@ def test_two_processes_match_one(tiny, tmp_path):
 
     def losses(run_dir):
         recs = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        return [(r["kind"], r["step"], r["loss"]) for r in recs if r["stage"] == "distill"]
+        return [(r["stage"], r["kind"], r["step"], r["loss"]) for r in recs]
 
     a, b = losses(one), losses(two)
-    assert [x[:2] for x in a] == [x[:2] for x in b] and len(a) >= 4
-    np.testing.assert_allclose([x[2] for x in a], [x[2] for x in b], rtol=1e-5)
+    assert [x[:3] for x in a] == [x[:3] for x in b] and len(a) >= 8
+    np.testing.assert_allclose([x[3] for x in a], [x[3] for x in b], rtol=1e-5)
+    for stage in ("distill", "finetune"):
+        pa, pb = _final_params(one, stage), _final_params(two, stage)
+        for k in pa:
+            np.testing.assert_allclose(pb[k], pa[k], rtol=1e-5, atol=1e-7, err_msg=f"{stage} {k}")
+    ra = _without_timings(json.loads((one / "evaluate" / "results.json").read_text()))
+    rb = _without_timings(json.loads((two / "evaluate" / "results.json").read_text()))
+    assert ra["models"]["softmax teacher"]["tasks"]["arc_easy"]["n"] == 4
+    assert _keys(ra["models"]) == _keys(rb["models"])  # every model, task, metric (measured: equal to the bit)
+    np.testing.assert_allclose(list(_numbers(rb["models"])), list(_numbers(ra["models"])), rtol=1e-5)
+    files = sorted(p.name for p in (one / "export" / "hf").iterdir())
+    assert files == sorted(p.name for p in (two / "export" / "hf").iterdir()) and "model.safetensors" in files
+
+
+def _keys(x, prefix=""):
+    return sorted(k for key, v in x.items() for k in [prefix + key, *(_keys(v, prefix + key + ".") if isinstance(v, dict) else [])])
+
+
+def _numbers(x):
+    if isinstance(x, dict):
+        for k in sorted(x):
+            yield from _numbers(x[k])
+    elif isinstance(x, list):
+        for v in x:
+            yield from _numbers(v)
+    elif isinstance(x, (int, float)) and not isinstance(x, bool):
+        yield float(x)
 
 
 @pytest.mark.parametrize(
