@@ -103,17 +103,23 @@ def load_hf_params(
     param_dtype: str = "bfloat16",
     opts: ModelOptions | None = None,
     seed: int = 0,
+    base_cache: dict | None = None,
 ) -> Llama:
     """A `Llama` whose base weights come from the HF directory `model_dir`, sharded over `mesh` (default: the first
     device alone) and cast to `param_dtype` (which overrides `opts.param_dtype`); other parameters are freshly
-    initialised from `seed`."""
+    initialised from `seed`. With `base_cache` (a dict the caller keeps), the base weights are read once and shared
+    by every model built with the same directory, dtype and mesh (e.g. teacher, linearized and LoRA models of one
+    evaluation: the arrays are immutable, so sharing them is safe)."""
     model_dir = Path(model_dir)
     cfg = read_config(model_dir)
-    files = SafetensorsDir(model_dir)
-    validate(cfg, files)
     opts = dataclasses.replace(opts or ModelOptions(), param_dtype=param_dtype)
     mesh = mesh if mesh is not None else _single_device_mesh()
     dtype = np.dtype(to_dtype(param_dtype))
+    cache_key = (str(model_dir.resolve()), str(dtype), mesh)
+    cached = base_cache is not None and cache_key in base_cache
+    if not cached:
+        files = SafetensorsDir(model_dir)
+        validate(cfg, files)
 
     abstract = nnx.eval_shape(lambda: Llama(cfg, opts, rngs=nnx.Rngs(seed)))
     graphdef, abs_state = nnx.split(abstract)
@@ -124,6 +130,20 @@ def load_hf_params(
     if base_paths != set(maps):
         raise AssertionError(f"model base parameters {sorted(base_paths)} differ from the key map {sorted(maps)}")
 
+    if cached:
+        values = dict(base_cache[cache_key])
+    else:
+        values = _read_base(model_dir, files, maps, flat, shardings, dtype, param_dtype)
+        if base_cache is not None:
+            base_cache[cache_key] = dict(values)
+    values.update(_init_extra(cfg, opts, seed, abstract, set(flat) - base_paths, mesh))
+    new_state = nnx.from_flat_state([(p, flat[p].replace(values[p])) for p in flat])
+    return nnx.merge(graphdef, new_state)
+
+
+def _read_base(model_dir: Path, files: SafetensorsDir, maps: dict, flat: dict, shardings: dict, dtype: np.dtype,
+               param_dtype: str) -> dict:
+    """The base weights as arrays on their shardings, with progress lines."""
     values: dict[NnxPath, jax.Array] = {}
     total = sum(math.prod(pm.shape) for pm in maps.values()) * dtype.itemsize
     done, t0 = 0, time.perf_counter()
@@ -137,11 +157,8 @@ def load_hf_params(
         done += math.prod(pm.shape) * dtype.itemsize
         if total >= 2**30:  # big models: a line per stacked tensor, so minutes of loading are never silent
             say("  %-28s %5.1f%% (%.0f s)", ".".join(map(str, path)), 100 * done / total, time.perf_counter() - t0)
-    values.update(_init_extra(cfg, opts, seed, abstract, set(flat) - base_paths, mesh))
     say("loaded %s in %.1f s", model_dir.name, time.perf_counter() - t0)
-
-    new_state = nnx.from_flat_state([(p, flat[p].replace(values[p])) for p in flat])
-    return nnx.merge(graphdef, new_state)
+    return values
 
 
 def _init_extra(cfg: LlamaConfig, opts: ModelOptions, seed: int, abstract: Llama, paths: set, mesh) -> dict:

@@ -368,3 +368,23 @@ def test_smollm2_round_trip_and_cost(smollm2_dir, tmp_path):
     assert sorted(a.keys()) == sorted(b.keys())
     for k in a.keys():
         assert a.info(k).dtype == b.info(k).dtype and np.array_equal(a.view(k).view(np.uint8), b.view(k).view(np.uint8)), k
+
+
+def test_base_cache_reads_the_weights_once_and_builds_each_variant(hf_dirs, monkeypatch):
+    """evaluate builds the teacher, the linearized and the LoRA model from one read of the base weights."""
+    d = hf_dirs["fp32_single_untied"]
+    n_layers = hf_to_flax.read_config(d).num_layers
+    variants = {"linearized": ModelOptions(layer_kinds=("lolcats",) * n_layers),
+                "lora": ModelOptions(lora=LoraOptions(rank=2, alpha=4.0, targets=("q", "v")))}
+    cache: dict = {}
+    teacher = hf_to_flax.load_hf_params(d, param_dtype="float32", base_cache=cache)
+    with monkeypatch.context() as m:
+        m.setattr(hf_to_flax, "SafetensorsDir", lambda *a, **k: pytest.fail("read the weights again"))
+        cached = {k: hf_to_flax.load_hf_params(d, param_dtype="float32", opts=o, base_cache=cache) for k, o in variants.items()}
+    for name, opts in variants.items():
+        assert cached[name].layers.wq[...] is teacher.layers.wq[...]  # shared, not copied
+        fresh = hf_to_flax.load_hf_params(d, param_dtype="float32", opts=opts)
+        a, b = nnx.to_flat_state(nnx.state(cached[name])), nnx.to_flat_state(nnx.state(fresh))
+        assert [p for p, _ in a] == [p for p, _ in b]
+        for (path, va), (_, vb) in zip(a, b):
+            np.testing.assert_array_equal(np.asarray(va.get_value()), np.asarray(vb.get_value()), err_msg=f"{name} {path}")

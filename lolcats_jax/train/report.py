@@ -4,6 +4,7 @@ written to `<run.dir>/report.md`, `<run.dir>/evaluate/results.json` and a bar ch
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -16,19 +17,21 @@ from lolcats_jax.train.stages import RunContext, attention_source_stage, load_ba
 
 
 def _models(ctx: RunContext):
-    """(label, key, loader) for every model this run can provide, in report order."""
+    """(label, key, loader) for every model this run can provide, in report order; they read the base weights once."""
     cfg = ctx.cfg
-    out = [("softmax teacher", "teacher", lambda: load_base(ctx, linearize=False))]
+    cache: dict = {}
+    base = functools.partial(load_base, ctx, base_cache=cache)
+    out = [("softmax teacher", "teacher", lambda: base(linearize=False))]
     if cfg.attention.kind == "lolcats" and (ctx.stage_dir(attention_source_stage(ctx)) / "final").exists():
         def distilled():
-            m = load_base(ctx, linearize=True)
+            m = base(linearize=True)
             load_stage_params(ctx, m, attention_source_stage(ctx))
             return m
 
         out.append((f"after attention transfer ({attention_source_stage(ctx)})", "distill", distilled))
     if (ctx.stage_dir("finetune") / "final").exists():
         def finetuned():
-            m = load_base(ctx, linearize=cfg.attention.kind == "lolcats", lora=cfg.finetune.lora)
+            m = base(linearize=cfg.attention.kind == "lolcats", lora=cfg.finetune.lora)
             if cfg.attention.kind == "lolcats":
                 load_stage_params(ctx, m, attention_source_stage(ctx))
             load_stage_params(ctx, m, "finetune")

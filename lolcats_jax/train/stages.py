@@ -49,12 +49,14 @@ class RunContext:
 # ------------------------------------------------------------------------------------------------ model I/O
 
 
-def load_base(ctx: RunContext, *, linearize: bool, lora=None) -> Llama:
-    """The pretrained model on the mesh, with linearized layers (fresh feature maps) and/or fresh LoRA."""
+def load_base(ctx: RunContext, *, linearize: bool, lora=None, base_cache: dict | None = None) -> Llama:
+    """The pretrained model on the mesh, with linearized layers (fresh feature maps) and/or fresh LoRA; models
+    loaded with the same `base_cache` share one read of the base weights."""
     from convert.hf_to_flax import load_hf_params
 
     opts = model_options(ctx.cfg, ctx.llama_cfg.num_layers, lora=lora, linearize=linearize)
-    return load_hf_params(ctx.cfg.model.path, ctx.mesh, param_dtype=ctx.cfg.model.param_dtype, opts=opts, seed=ctx.cfg.run.seed)
+    return load_hf_params(ctx.cfg.model.path, ctx.mesh, param_dtype=ctx.cfg.model.param_dtype, opts=opts,
+                          seed=ctx.cfg.run.seed, base_cache=base_cache)
 
 
 def assign_params(model: Llama, params: dict[str, jax.Array], *, where: str) -> None:
