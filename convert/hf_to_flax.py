@@ -176,16 +176,10 @@ def _init_extra(cfg: LlamaConfig, opts: ModelOptions, seed: int, abstract: Llama
 
 def parse_mesh(text: str) -> shd.MeshShape:
     """"data=1,fsdp=-1,tensor=1" → MeshShape (omitted axes keep their defaults)."""
-    sizes: dict[str, int] = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        name, sep, value = part.partition("=")
-        if not sep or name not in shd.MESH_AXES:
-            raise ConversionError(f"--mesh: cannot parse {part!r}; expected NAME=SIZE with NAME in {shd.MESH_AXES}")
-        try:
-            sizes[name] = int(value)
-        except ValueError:
-            raise ConversionError(f"--mesh: size of {name!r} must be an integer, got {value!r}") from None
-    return shd.MeshShape(**sizes)
+    try:
+        return shd.parse_mesh_shape(text)
+    except ValueError as e:
+        raise ConversionError(f"--mesh: {e}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,6 +14,7 @@ verbatim after the context). Prints a markdown table; --out writes every number 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -39,6 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--ppl-chunk-len", type=int, default=512, help="tokens per non-overlapping perplexity window")
     ap.add_argument("--ppl-max-tokens", type=int, default=32768, help="score at most this many tokens of --perplexity")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--mesh", default=None, metavar="data=1,fsdp=-1,tensor=1",
+                    help="shard the model over this device mesh (-1 = the remaining devices); default one device")
     ap.add_argument("--out", metavar="results.json", help="write the results as JSON")
     args = ap.parse_args(argv)
     args.task_names = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -68,7 +71,8 @@ def main(argv=None) -> int:
     from lolcats_jax.eval.runner import evaluate_tasks, markdown_table
     from lolcats_jax.eval.scoring import Scorer
     from lolcats_jax.eval.tasks import load_task, load_task_file
-    from lolcats_jax.loading import load_for_generation
+    from lolcats_jax import compat
+    from lolcats_jax.loading import cli_mesh, load_for_generation
 
     # load (and validate) all data before the model, so a bad file fails fast
     tasks = [load_task(n, args.limit, mmlu_subjects=args.mmlu_subjects) for n in args.task_names] + [load_task_file(f, args.limit) for f in args.task_file]
@@ -78,14 +82,17 @@ def main(argv=None) -> int:
             raise DataError(f"{args.perplexity}: perplexity text file not found")
         ppl_text = Path(args.perplexity).read_text(encoding="utf-8")
     t0 = time.perf_counter()
-    model, tokenizer = load_for_generation(args.model, dtype=args.dtype)
-    t_load = time.perf_counter() - t0
-    scorer = Scorer(model)
-    results: dict = {"model": str(args.model), "dtype": args.dtype, "limit": args.limit, "batch_size": args.batch_size,
-                     "tasks": evaluate_tasks(scorer, tokenizer, tasks, args.batch_size)}
-    if ppl_text is not None:
-        ppl = scorer.perplexity(encode(tokenizer, ppl_text), args.ppl_chunk_len, args.ppl_max_tokens, args.batch_size)
-        results["perplexity"] = {"file": str(args.perplexity), **ppl.as_dict()}
+    mesh = cli_mesh(args.mesh)
+    with compat.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        model, tokenizer = load_for_generation(args.model, dtype=args.dtype, mesh=mesh)
+        t_load = time.perf_counter() - t0
+        scorer = Scorer(model, mesh=mesh)
+        results: dict = {"model": str(args.model), "dtype": args.dtype, "limit": args.limit, "batch_size": args.batch_size,
+                         "mesh": dict(mesh.shape) if mesh is not None else None,
+                         "tasks": evaluate_tasks(scorer, tokenizer, tasks, args.batch_size)}
+        if ppl_text is not None:
+            ppl = scorer.perplexity(encode(tokenizer, ppl_text), args.ppl_chunk_len, args.ppl_max_tokens, args.batch_size)
+            results["perplexity"] = {"file": str(args.perplexity), **ppl.as_dict()}
     results["seconds"] = {"load": round(t_load, 1), "total": round(time.perf_counter() - t0, 1)}
     if results["tasks"]:
         print(markdown_table(results["tasks"]))
@@ -93,7 +100,9 @@ def main(argv=None) -> int:
         p = results["perplexity"]
         print(f"perplexity {p['ppl']:.3f} (nll/token {p['nll_per_token']:.4f}, {p['n_tokens']} tokens, windows of {p['chunk_len']})")
     if args.out:
-        Path(args.out).write_text(json.dumps(_json_safe(results), indent=2) + "\n", encoding="utf-8")
+        from lolcats_jax.fsio import write_text_atomic
+
+        write_text_atomic(args.out, json.dumps(_json_safe(results), indent=2) + "\n")
         print(f"[evaluate] results written to {args.out}", file=sys.stderr)
     return 0
 

@@ -10,6 +10,7 @@ One prompt streams its tokens to the terminal; several are generated as one left
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 
@@ -28,19 +29,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--mesh", default=None, metavar="data=1,fsdp=-1,tensor=1",
+                    help="shard the model over this device mesh (-1 = the remaining devices); default one device")
     return ap.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     setup_logging()
+    from lolcats_jax import compat
+    from lolcats_jax.loading import cli_mesh
+
+    mesh = cli_mesh(args.mesh)
+    with compat.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        return _generate(args, mesh)
+
+
+def _generate(args: argparse.Namespace, mesh) -> int:
     from lolcats_jax.generation import Generator, SamplingConfig
     from lolcats_jax.loading import load_for_generation
     from lolcats_jax.tokenizer import encode_prompt, eos_ids
 
     t0 = time.perf_counter()
-    print(f"[generate] loading {args.model} ({args.dtype}) …", file=sys.stderr, flush=True)
-    model, tokenizer = load_for_generation(args.model, dtype=args.dtype)
+    where = f" on mesh {dict(mesh.shape)}" if mesh is not None else ""
+    print(f"[generate] loading {args.model} ({args.dtype}{where}) …", file=sys.stderr, flush=True)
+    model, tokenizer = load_for_generation(args.model, dtype=args.dtype, mesh=mesh)
     t_load = time.perf_counter() - t0
     print(f"[generate] loaded in {t_load:.1f}s; compiling prefill and decode (the first tokens wait for it) …",
           file=sys.stderr, flush=True)

@@ -35,13 +35,27 @@ def load_hf_model(path: str | os.PathLike, *, dtype: str = "float32", mesh: jax.
     return load_hf_params(path, mesh, param_dtype=dtype, opts=opts, seed=seed)
 
 
-def load_for_generation(path: str | os.PathLike, *, dtype: str = "float32"):
-    """(model, tokenizer) for `python -m lolcats_jax.generate` / evaluation."""
+def load_for_generation(path: str | os.PathLike, *, dtype: str = "float32", mesh: jax.sharding.Mesh | None = None):
+    """(model, tokenizer) for `python -m lolcats_jax.generate` / evaluation, sharded over `mesh` (default: one
+    device)."""
     from lolcats_jax.tokenizer import load_tokenizer
 
     kind, p = resolve_model_dir(path)
     if kind == "hf":
-        return load_hf_model(p, dtype=dtype), load_tokenizer(p)
+        return load_hf_model(p, dtype=dtype, mesh=mesh), load_tokenizer(p)
     from lolcats_jax.run_model import load_run_model  # the recipe's run directories (train issue)
 
-    return load_run_model(p, dtype=dtype)
+    return load_run_model(p, dtype=dtype, mesh=mesh)
+
+
+def cli_mesh(spec: str | None) -> jax.sharding.Mesh | None:
+    """The mesh of an inference CLI's `--mesh data=..,fsdp=..,tensor=..` (None: one device)."""
+    if spec is None:
+        return None
+    from lolcats_jax.errors import UserError
+    from lolcats_jax.sharding import make_mesh, parse_mesh_shape
+
+    try:
+        return make_mesh(parse_mesh_shape(spec))
+    except ValueError as e:
+        raise UserError(f"--mesh {spec}: {e}") from None

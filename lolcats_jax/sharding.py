@@ -25,6 +25,20 @@ from lolcats_jax import compat
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
+
+def parse_mesh_shape(text: str) -> "MeshShape":
+    """"data=1,fsdp=-1,tensor=1" → MeshShape (omitted axes keep their defaults); ValueError naming the bad part."""
+    sizes: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = part.partition("=")
+        if not sep or name not in MESH_AXES:
+            raise ValueError(f"cannot parse {part!r}; expected NAME=SIZE with NAME in {MESH_AXES}")
+        try:
+            sizes[name] = int(value)
+        except ValueError:
+            raise ValueError(f"size of {name!r} must be an integer, got {value!r}") from None
+    return MeshShape(**sizes)
+
 # logical name → mesh axis (or tuple of mesh axes, or None = replicated)
 LOGICAL_RULES: Mapping[str, Any] = {
     # activations
