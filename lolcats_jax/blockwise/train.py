@@ -33,7 +33,7 @@ from lolcats_jax.sharding import constrain
 from lolcats_jax.train.ckpt import save_params
 from lolcats_jax.train.loop import train_loop
 from lolcats_jax.train.losses import distill_objective
-from lolcats_jax.train.stages import RunContext, _loop_config
+from lolcats_jax.train.stages import RunContext, loop_config
 from lolcats_jax.train.step import split_model
 
 
@@ -123,7 +123,7 @@ def train_block(ctx: RunContext, store: BlockInputStore, block: Block) -> dict[s
         print(f"[distill_block] {block.describe()}: {n_train} training samples from {store.array_path('train', block.start)}", file=sys.stderr)
         loss_fn = functools.partial(block_distill_loss, mse_factor=d.mse_factor, xent_factor=d.xent_factor)
         res = train_loop(
-            name=name, split=split, loss_fn=loss_fn, mesh=ctx.mesh, cfg=_loop_config(d, steps, ctx.cfg.run.seed), train_iter=train_iter,
+            name=name, split=split, loss_fn=loss_fn, mesh=ctx.mesh, cfg=loop_config(d, steps, ctx.cfg.run.seed), train_iter=train_iter,
             val_batches=val_batches, stage_dir=bdir, run_dir=bdir,
             tokens_per_batch=d.batch_size * d.optim.grad_accum * store.layout.seq_len, is_main=ctx.is_main,
         )

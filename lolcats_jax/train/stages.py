@@ -136,7 +136,8 @@ def _data(ctx: RunContext, section, batch_size: int, grad_accum: int, seed: int)
     return train_iter, val_batches, steps, len(train_ds)
 
 
-def _loop_config(section, steps: int, seed: int) -> LoopConfig:
+def loop_config(section, steps: int, seed: int) -> LoopConfig:
+    """The training loop's settings from a stage section (distill or finetune) of the config."""
     return LoopConfig(
         seed=seed,
         max_steps=steps, eval_every=section.eval_every, checkpoint_every=section.checkpoint_every,
@@ -152,7 +153,7 @@ def _train_stage(ctx: RunContext, name: str, section, model: Llama, trainable_fi
         raise UserError(f"{name}: {n_chunks} training chunks give no optimizer step (batch {section.batch_size} × accum {section.optim.grad_accum})")
     tokens_per_step = section.batch_size * section.optim.grad_accum * section.data.chunk_size
     res = train_loop(
-        name=name, split=split, loss_fn=loss_fn, mesh=ctx.mesh, cfg=_loop_config(section, steps, ctx.cfg.run.seed),
+        name=name, split=split, loss_fn=loss_fn, mesh=ctx.mesh, cfg=loop_config(section, steps, ctx.cfg.run.seed),
         train_iter=train_iter, val_batches=val_batches, stage_dir=ctx.stage_dir(name), run_dir=ctx.run_dir,
         tokens_per_batch=tokens_per_step, is_main=ctx.is_main,
     )
