@@ -32,6 +32,7 @@ from jax.experimental import multihost_utils
 from convert.errors import ConversionError
 from convert.keymap import param_maps
 from convert.safetensors_io import TensorSpec, write_atomic, write_sharded
+from lolcats_jax.cli import command
 from lolcats_jax.fsio import commit_dir, remove_stale, staging_dir
 from lolcats_jax.model import Llama
 
@@ -146,6 +147,7 @@ def _copy(src: Path, dst: Path, written: list[Path]) -> None:
     written.append(dst)
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     from convert.checkpoint import load_checkpoint
     from convert.hf_to_flax import parse_mesh
@@ -160,20 +162,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--mesh", default="data=1,fsdp=-1,tensor=1", help="mesh to restore the checkpoint onto")
     args = ap.parse_args(argv)
     try:
-        try:
-            mesh = shd.make_mesh(parse_mesh(args.mesh))
-        except ValueError as e:
-            raise ConversionError(str(e)) from None
-        model = load_checkpoint(args.ckpt, mesh, step=args.step)
-        written = export_hf(model, args.out, tokenizer_from=args.tokenizer_from, max_shard_size=args.max_shard_size)
-        print(f"wrote {len(written)} files to {args.out}")
-    except ConversionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return ConversionError.exit_code
+        mesh = shd.make_mesh(parse_mesh(args.mesh))
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
+    model = load_checkpoint(args.ckpt, mesh, step=args.step)
+    written = export_hf(model, args.out, tokenizer_from=args.tokenizer_from, max_shard_size=args.max_shard_size)
+    print(f"wrote {len(written)} files to {args.out}")
     return 0
 
 
 if __name__ == "__main__":
-    from lolcats_jax.cli import run_main  # library/OS errors outside main's own handling: one line, exit 2
-
-    sys.exit(run_main(main))
+    sys.exit(main())

@@ -29,6 +29,7 @@ from convert.keymap import expected_hf_shapes, is_ignored, param_maps
 from convert.safetensors_io import DTYPES, FLOAT_DTYPES, SafetensorsDir
 from convert.to_hf import MODEL_TYPE, lolcats_hf_names
 from lolcats_jax import sharding as shd
+from lolcats_jax.cli import command
 from lolcats_jax.model import Llama, LlamaConfig, LolcatsLayerOptions, ModelOptions, UnsupportedModelError
 
 _OPTION_KEYS = ("form", "window", "window_size", "feature_map", "fullspace", "feature_dim", "feature_bias", "eps",
@@ -135,6 +136,7 @@ def load_linearized(model_dir: str | Path, mesh: jax.sharding.Mesh | None = None
     return nnx.merge(graphdef, state)
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     from convert.checkpoint import save_checkpoint
 
@@ -145,19 +147,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: the file's")
     args = ap.parse_args(argv)
     try:
-        try:
-            mesh = shd.make_mesh(parse_mesh(args.mesh))
-        except ValueError as e:
-            raise ConversionError(str(e)) from None
-        model = load_linearized(args.hf, mesh, param_dtype=args.dtype)
-        print(f"saved {save_checkpoint(model, args.out)}")
-    except ConversionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return ConversionError.exit_code
+        mesh = shd.make_mesh(parse_mesh(args.mesh))
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
+    model = load_linearized(args.hf, mesh, param_dtype=args.dtype)
+    print(f"saved {save_checkpoint(model, args.out)}")
     return 0
 
 
 if __name__ == "__main__":
-    from lolcats_jax.cli import run_main  # library/OS errors outside main's own handling: one line, exit 2
-
-    sys.exit(run_main(main))
+    sys.exit(main())

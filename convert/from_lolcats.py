@@ -31,6 +31,7 @@ import yaml
 from convert.errors import ConversionError
 from convert.hf_to_flax import read_config
 from convert.lolcats_format import ParsedCheckpoint, parse_checkpoint, read_checkpoint_file
+from lolcats_jax.cli import command
 
 
 def _read_all(paths: Sequence[str | Path]) -> dict[str, np.ndarray]:
@@ -142,6 +143,7 @@ def _write_run(out: Path, parsed: ParsedCheckpoint, ckpt_paths: Sequence[str | P
     write_text_atomic(out / "config.yaml", config_text)
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m convert.from_lolcats", description=__doc__.splitlines()[0])
     ap.add_argument("--base", required=True, help="Hugging Face directory of the base Llama")
@@ -159,19 +161,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 2·rank)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="base weight dtype")
     args = ap.parse_args(argv)
-    try:
-        out = import_lolcats(args.base, args.ckpt, args.out, window=args.window, window_size=args.window_size,
-                             feature_dim=args.feature_dim, feature_map=args.feature_map, fullspace=args.fullspace,
-                             eps=args.eps, affine=args.affine, compat=args.compat, lora_alpha=args.lora_alpha,
-                             param_dtype=args.dtype)
-        print(f"wrote run directory {out}")
-    except ConversionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return ConversionError.exit_code
+    out = import_lolcats(args.base, args.ckpt, args.out, window=args.window, window_size=args.window_size,
+                         feature_dim=args.feature_dim, feature_map=args.feature_map, fullspace=args.fullspace,
+                         eps=args.eps, affine=args.affine, compat=args.compat, lora_alpha=args.lora_alpha,
+                         param_dtype=args.dtype)
+    print(f"wrote run directory {out}")
     return 0
 
 
 if __name__ == "__main__":
-    from lolcats_jax.cli import run_main  # library/OS errors outside main's own handling: one line, exit 2
-
-    sys.exit(run_main(main))
+    sys.exit(main())

@@ -48,6 +48,7 @@ import numpy as np
 
 from convert.errors import ConversionError
 from convert.tokenizer_gguf import build_tokenizer_files, write_tokenizer_files
+from lolcats_jax.cli import command
 
 log = logging.getLogger("convert.gguf_to_hf")
 
@@ -536,17 +537,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[gguf_to_hf] %(message)s")
     started = time.perf_counter()
-    try:
-        gguf_path = args.gguf if args.gguf is not None else default_gguf_path()
-        log.info("converting %s -> %s", gguf_path, args.out)
-        params = convert(gguf_path, args.out, force=args.force)
-    except ConversionError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return ConversionError.exit_code
+    gguf_path = args.gguf if args.gguf is not None else default_gguf_path()
+    log.info("converting %s -> %s", gguf_path, args.out)
+    params = convert(gguf_path, args.out, force=args.force)
     log.info(
         "wrote %s (%d layers, hidden %d, vocab %d) in %.1f s, peak RSS %.0f MiB",
         args.out,
@@ -560,6 +558,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from lolcats_jax.cli import run_main  # library/OS errors outside main's own handling: one line, exit 2
-
-    sys.exit(run_main(main))
+    sys.exit(main())

@@ -37,6 +37,7 @@ from convert.errors import ConversionError
 from convert.keymap import Index, ParamMap, expected_hf_shapes, is_ignored, param_maps
 from convert.safetensors_io import FLOAT_DTYPES, SafetensorsDir
 from lolcats_jax import sharding as shd
+from lolcats_jax.cli import command
 from lolcats_jax.model import Llama, LlamaConfig, ModelOptions, UnsupportedModelError
 from lolcats_jax.model.options import to_dtype
 
@@ -182,6 +183,7 @@ def parse_mesh(text: str) -> shd.MeshShape:
         raise ConversionError(f"--mesh: {e}") from None
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     from convert.checkpoint import save_checkpoint
 
@@ -192,22 +194,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"], help="parameter dtype")
     args = ap.parse_args(argv)
     try:
-        try:
-            mesh = shd.make_mesh(parse_mesh(args.mesh))
-        except ValueError as e:
-            raise ConversionError(str(e)) from None
-        t0 = time.perf_counter()
-        model = load_hf_params(args.hf, mesh, param_dtype=args.dtype)
-        t1 = time.perf_counter()
-        path = save_checkpoint(model, args.out)
-        print(f"loaded {args.hf} in {t1 - t0:.1f} s, saved {path} in {time.perf_counter() - t1:.1f} s")
-    except ConversionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return ConversionError.exit_code
+        mesh = shd.make_mesh(parse_mesh(args.mesh))
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
+    t0 = time.perf_counter()
+    model = load_hf_params(args.hf, mesh, param_dtype=args.dtype)
+    t1 = time.perf_counter()
+    path = save_checkpoint(model, args.out)
+    print(f"loaded {args.hf} in {t1 - t0:.1f} s, saved {path} in {time.perf_counter() - t1:.1f} s")
     return 0
 
 
 if __name__ == "__main__":
-    from lolcats_jax.cli import run_main  # library/OS errors outside main's own handling: one line, exit 2
-
-    sys.exit(run_main(main))
+    sys.exit(main())

@@ -36,6 +36,7 @@ from convert.errors import ConversionError
 from convert.flax_to_hf import TOKENIZER_FILES, _copy, _param, _to_host, _write_dir
 from convert.keymap import param_maps
 from convert.safetensors_io import TensorSpec, write_atomic, write_sharded
+from lolcats_jax.cli import command
 from lolcats_jax.model import Llama
 
 MODELING_DIR = Path(__file__).resolve().parent / "hf_modeling"
@@ -188,6 +189,7 @@ def export_linearized(
     return _write_dir(out, write)
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m convert.to_hf", description=__doc__.splitlines()[0])
     ap.add_argument("--run", required=True, help="lolcats_jax run directory (config.yaml + stage results)")
@@ -201,21 +203,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lolcats_jax.run_model import load_run_model
 
     try:
-        try:
-            model, _ = load_run_model(args.run)
-            tokenizer_dir = load_config(Path(args.run) / "config.yaml").model.path
-        except (CheckpointError, FileNotFoundError, ValueError) as e:
-            raise ConversionError(f"{args.run}: cannot load the run's model ({e})") from None
-        written = export_linearized(model, tokenizer_dir, args.out, format=args.format, dtype=args.dtype,
-                                    max_shard_size=args.max_shard_size)
-        print(f"wrote {len(written)} files to {args.out}")
-    except ConversionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return ConversionError.exit_code
+        model, _ = load_run_model(args.run)
+        tokenizer_dir = load_config(Path(args.run) / "config.yaml").model.path
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        raise ConversionError(f"{args.run}: cannot load the run's model ({e})") from None
+    written = export_linearized(model, tokenizer_dir, args.out, format=args.format, dtype=args.dtype,
+                                max_shard_size=args.max_shard_size)
+    print(f"wrote {len(written)} files to {args.out}")
     return 0
 
 
 if __name__ == "__main__":
-    from lolcats_jax.cli import run_main  # library/OS errors outside main's own handling: one line, exit 2
-
-    sys.exit(run_main(main))
+    sys.exit(main())

@@ -12,6 +12,7 @@ modules already imported, so reporting a config typo never imports JAX.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -82,6 +83,17 @@ def run_main(main, *args) -> int:
             print(f"error: {cause}: {_one_line(e)} (run with --debug for the traceback)", file=sys.stderr)
             return 2
         raise
+
+
+def command(main):
+    """Decorates a CLI's `main(argv=None) -> int` so that calling it — from `python -m` or from code and tests —
+    goes through `run_main`: the one error path of every command."""
+
+    @functools.wraps(main)
+    def wrapped(argv=None) -> int:
+        return run_main(main, list(argv)) if argv is not None else run_main(main)
+
+    return wrapped
 
 
 def env_flag(name: str) -> bool:
