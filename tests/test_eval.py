@@ -431,7 +431,7 @@ def test_evaluate_cli_end_to_end(tiny_lm, tmp_path, monkeypatch, capsys):
     import lolcats_jax.loading
     from lolcats_jax.evaluate import main
 
-    monkeypatch.setattr(lolcats_jax.loading, "load_for_generation", lambda path, dtype: tiny_lm)
+    monkeypatch.setattr(lolcats_jax.loading, "load_for_generation", lambda path, dtype, mesh=None: tiny_lm)
     recs = [{"context": "Q: sky?\nA:", "choices": [" blue", " green"], "gold": 0},
             {"context": "Q: grass?\nA:", "choices": [" blue", " green"], "gold": 1}]
     (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
