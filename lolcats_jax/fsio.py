@@ -18,8 +18,7 @@ from lolcats_jax.crashpoints import crashpoint
 STAGING_MARK = ".staging-"
 
 
-def fsync_dir(path: Path) -> None:
-    """fsync a directory (its entries: renames into it); best effort where the file system refuses."""
+def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -45,24 +44,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.fsync(f.fileno())
         crashpoint(f"write {path.parent.name}/{path.name}")
         os.replace(tmp, path)
-        fsync_dir(path.parent)
+        _fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-
-
-def copy_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    with atomic_path(dst) as tmp:
-        shutil.copyfile(src, tmp)
+        tmp.write_text(text)
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
@@ -82,11 +71,11 @@ def commit_dir(staging: Path, final: str | os.PathLike) -> Path:
     """Replaces `final` (if any) by the complete directory `staging`. A kill at any moment leaves either the old
     `final`, no `final` (the old one removed, the new one still under its staging name) or the new one."""
     final = Path(final)
-    fsync_dir(staging)
+    _fsync_dir(staging)
     crashpoint(f"commit {final.parent.name}/{final.name}")
     remove_dir(final)
     os.replace(staging, final)
-    fsync_dir(final.parent)
+    _fsync_dir(final.parent)
     return final
 
 
