@@ -31,9 +31,9 @@ from jax.experimental import multihost_utils
 
 from convert.errors import ConversionError
 from convert.keymap import param_maps
-from convert.safetensors_io import TensorSpec, write_atomic, write_sharded
+from convert.safetensors_io import TensorSpec, write_sharded
 from lolcats_jax.cli import command
-from lolcats_jax.fsio import commit_dir, remove_stale, staging_dir
+from lolcats_jax.fsio import commit_dir, copy_atomic, remove_stale, staging_dir, write_bytes_atomic
 from lolcats_jax.model import Llama
 
 TOKENIZER_FILES = (
@@ -112,7 +112,7 @@ def export_hf(
     def write(d: Path, written: list[Path]) -> None:
         written += write_sharded(d, specs, max_shard_size=max_shard_size)
         config = _hf_config(model, specs[0].dtype)
-        write_atomic(d / "config.json", (json.dumps(config, indent=2) + "\n").encode())
+        write_bytes_atomic(d / "config.json", (json.dumps(config, indent=2) + "\n").encode())
         written.append(d / "config.json")
         for f in tok_files:
             _copy(f, d / f.name, written)
@@ -141,9 +141,7 @@ def _write_dir(out: Path, write: Callable[[Path, list[Path]], None]) -> list[Pat
 
 
 def _copy(src: Path, dst: Path, written: list[Path]) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.copyfile(src, tmp)
-    tmp.replace(dst)
+    copy_atomic(src, dst)
     written.append(dst)
 
 

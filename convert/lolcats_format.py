@@ -109,7 +109,8 @@ def describe(model) -> dict:
 
 def write_lolcats_checkpoint(model, out_dir: Path, dtype: np.dtype | None = None) -> list[Path]:
     """Writes CHECKPOINT_FILE and CONFIG_FILE into `out_dir` (atomically each); returns their paths."""
-    from convert.safetensors_io import save_file, write_atomic
+    from convert.safetensors_io import save_file
+    from lolcats_jax.fsio import write_bytes_atomic
 
     tensors = lolcats_tensors(model, dtype)
     if not tensors:
@@ -117,7 +118,7 @@ def write_lolcats_checkpoint(model, out_dir: Path, dtype: np.dtype | None = None
     ckpt = out_dir / CHECKPOINT_FILE
     save_file(tensors, ckpt)
     written = [ckpt]
-    write_atomic(out_dir / CONFIG_FILE, (json.dumps(describe(model), indent=2) + "\n").encode())
+    write_bytes_atomic(out_dir / CONFIG_FILE, (json.dumps(describe(model), indent=2) + "\n").encode())
     return written + [out_dir / CONFIG_FILE]
 
 

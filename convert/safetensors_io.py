@@ -33,6 +33,7 @@ import ml_dtypes
 import numpy as np
 
 from convert.errors import ConversionError
+from lolcats_jax.fsio import atomic_path, fsync_dir
 
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype("<f8"),
@@ -326,27 +327,6 @@ def _write_shard(path: Path, specs: Sequence[TensorSpec], metadata: Mapping[str,
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Writes `data` to `path` through a fsynced temporary file in the same directory and a rename."""
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_sharded(
     out_dir: str | os.PathLike,
     specs: Iterable[TensorSpec],
@@ -389,7 +369,7 @@ def write_sharded(
         if n > 1:
             os.replace(index_tmp, out / INDEX_FILE)
             placed.append(out / INDEX_FILE)
-        _fsync_dir(out)
+        fsync_dir(out)
     except BaseException:
         for p in [*temps, index_tmp, *placed]:
             p.unlink(missing_ok=True)
@@ -402,9 +382,5 @@ def save_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike, metada
     path = Path(path)
     metadata = {"format": "pt", **(metadata or {})}
     specs = [TensorSpec(k, tuple(v.shape), v.dtype, (lambda v=v: v)) for k, v in tensors.items()]
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
+    with atomic_path(path) as tmp:
         _write_shard(tmp, specs, metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -35,8 +35,9 @@ import numpy as np
 from convert.errors import ConversionError
 from convert.flax_to_hf import TOKENIZER_FILES, _copy, _param, _to_host, _write_dir
 from convert.keymap import param_maps
-from convert.safetensors_io import TensorSpec, write_atomic, write_sharded
+from convert.safetensors_io import TensorSpec, write_sharded
 from lolcats_jax.cli import command
+from lolcats_jax.fsio import write_bytes_atomic
 from lolcats_jax.model import Llama
 
 MODELING_DIR = Path(__file__).resolve().parent / "hf_modeling"
@@ -179,7 +180,7 @@ def export_linearized(
     def write(d: Path, written: list[Path]) -> None:
         written += write_sharded(d, specs, max_shard_size=max_shard_size, metadata={"format": "pt"})
         config = hf_config(model, specs[0].dtype)
-        write_atomic(d / "config.json", (json.dumps(config, indent=2) + "\n").encode())
+        write_bytes_atomic(d / "config.json", (json.dumps(config, indent=2) + "\n").encode())
         written.append(d / "config.json")
         for name in MODELING_FILES:
             _copy(MODELING_DIR / name, d / name, written)

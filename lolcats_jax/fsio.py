@@ -18,7 +18,8 @@ from lolcats_jax.crashpoints import crashpoint
 STAGING_MARK = ".staging-"
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """fsync a directory (its entries: renames into it); best effort where the file system refuses."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -44,14 +45,24 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.fsync(f.fileno())
         crashpoint(f"write {path.parent.name}/{path.name}")
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def copy_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
@@ -71,11 +82,11 @@ def commit_dir(staging: Path, final: str | os.PathLike) -> Path:
     """Replaces `final` (if any) by the complete directory `staging`. A kill at any moment leaves either the old
     `final`, no `final` (the old one removed, the new one still under its staging name) or the new one."""
     final = Path(final)
-    _fsync_dir(staging)
+    fsync_dir(staging)
     crashpoint(f"commit {final.parent.name}/{final.name}")
     remove_dir(final)
     os.replace(staging, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     return final
 
 

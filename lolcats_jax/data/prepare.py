@@ -33,28 +33,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from lolcats_jax.data.demo_corpora import DemoCorpora, DemoSizes, build_demo_corpora
+from lolcats_jax.fsio import write_text_atomic
 
 USAGE_HINT = "this command only builds the demo corpora: python -m lolcats_jax.data.prepare --demo --out data/demo"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _jsonl(rows: list[dict]) -> str:
@@ -72,7 +58,7 @@ def write_demo(corpora: DemoCorpora, out: Path) -> dict[str, tuple[int, int]]:
     }
     counts: dict[str, tuple[int, int]] = {}
     for name, (text, records) in files.items():
-        write_atomic(out / name, text)
+        write_text_atomic(out / name, text)
         counts[name] = (records, len(text.encode("utf-8")))
     return counts
 

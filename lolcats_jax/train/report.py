@@ -89,9 +89,9 @@ def run_evaluate(ctx: RunContext) -> dict:
     if ctx.is_main:
         out = ctx.stage_dir("evaluate")
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out / "results.json", json.dumps(summary, indent=2, default=float))
+        write_text_atomic(out / "results.json", json.dumps(summary, indent=2, default=float))
         report = render_report(ctx, summary)
-        _atomic_write(ctx.run_dir / "report.md", report)
+        write_text_atomic(ctx.run_dir / "report.md", report)
         _bar_chart(ctx.run_dir / "plots" / "eval_tasks.png", results)
         print("\n" + report, flush=True)
     return {"report": str(ctx.run_dir / "report.md"), **{k: _short(v) for k, v in results.items()}}
@@ -216,10 +216,6 @@ def _comparison(ctx: RunContext, summary: dict) -> list[str]:
 
 def _f(x) -> str:
     return "–" if x is None else f"{x:.4g}"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    write_text_atomic(path, text)
 
 
 def _bar_chart(path: Path, models: dict) -> None:
