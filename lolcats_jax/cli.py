@@ -57,14 +57,10 @@ def _one_line(e: BaseException) -> str:
 
 def run_main(main, *args) -> int:
     """Runs `main`; user errors → 'error: ...' on stderr and exit code 2."""
-    argv = args[0] if args and isinstance(args[0], list) else None
-    if argv is not None and "--debug" in argv:
+    argv = args[0] if args and isinstance(args[0], list) else sys.argv
+    if "--debug" in (argv[1:] if argv is sys.argv else argv):  # sys.argv[0] is the program
         argv.remove("--debug")
         os.environ["LOLCATS_DEBUG"] = "1"
-    elif argv is None and "--debug" in sys.argv[1:]:
-        sys.argv.remove("--debug")
-        os.environ["LOLCATS_DEBUG"] = "1"
-    debug = env_flag("LOLCATS_DEBUG")
     try:
         return int(main(*args) or 0)
     except KeyboardInterrupt:
@@ -72,17 +68,16 @@ def run_main(main, *args) -> int:
         return 130
     except Exception as e:
         if isinstance(e, user_error_types()):
-            if debug:
-                raise
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        if library_error(e):
-            if debug:
-                raise
-            cause = f"{type(e).__module__.split('.')[0]} {type(e).__name__}" if not isinstance(e, OSError) else type(e).__name__
-            print(f"error: {cause}: {_one_line(e)} (run with --debug for the traceback)", file=sys.stderr)
-            return 2
-        raise
+            message = str(e)
+        elif library_error(e):
+            cause = type(e).__name__ if isinstance(e, OSError) else f"{type(e).__module__.split('.')[0]} {type(e).__name__}"
+            message = f"{cause}: {_one_line(e)} (run with --debug for the traceback)"
+        else:
+            raise
+        if env_flag("LOLCATS_DEBUG"):
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
 
 
 def command(main):

@@ -14,7 +14,6 @@ verbatim after the context). Prints a markdown table; --out writes every number 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import time
@@ -71,8 +70,7 @@ def main(argv=None) -> int:
     from lolcats_jax.eval.runner import evaluate_tasks, markdown_table
     from lolcats_jax.eval.scoring import Scorer
     from lolcats_jax.eval.tasks import load_task, load_task_file
-    from lolcats_jax import compat
-    from lolcats_jax.loading import cli_mesh, load_for_generation
+    from lolcats_jax.loading import cli_mesh, load_for_generation, mesh_scope
 
     # load (and validate) all data before the model, so a bad file fails fast
     tasks = [load_task(n, args.limit, mmlu_subjects=args.mmlu_subjects) for n in args.task_names] + [load_task_file(f, args.limit) for f in args.task_file]
@@ -83,7 +81,7 @@ def main(argv=None) -> int:
         ppl_text = Path(args.perplexity).read_text(encoding="utf-8")
     t0 = time.perf_counter()
     mesh = cli_mesh(args.mesh)
-    with compat.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+    with mesh_scope(mesh):
         model, tokenizer = load_for_generation(args.model, dtype=args.dtype, mesh=mesh)
         t_load = time.perf_counter() - t0
         scorer = Scorer(model, mesh=mesh)

@@ -10,7 +10,6 @@ One prompt streams its tokens to the terminal; several are generated as one left
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import time
 
@@ -37,11 +36,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     setup_logging()
-    from lolcats_jax import compat
-    from lolcats_jax.loading import cli_mesh
+    from lolcats_jax.loading import cli_mesh, mesh_scope
 
     mesh = cli_mesh(args.mesh)
-    with compat.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+    with mesh_scope(mesh):
         return _generate(args, mesh)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -46,6 +47,13 @@ def load_for_generation(path: str | os.PathLike, *, dtype: str = "float32", mesh
     from lolcats_jax.run_model import load_run_model  # the recipe's run directories (train issue)
 
     return load_run_model(p, dtype=dtype, mesh=mesh)
+
+
+def mesh_scope(mesh: jax.sharding.Mesh | None):
+    """`mesh` as the current mesh for the block (nothing when None: one device)."""
+    from lolcats_jax import compat
+
+    return compat.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
 
 
 def cli_mesh(spec: str | None) -> jax.sharding.Mesh | None:

@@ -62,17 +62,12 @@ BATCH_KEYS = ("input_ids", "labels", "hidden")  # "hidden": (…, T, E) block in
 def to_global_batch(batch: dict[str, np.ndarray], mesh, accumulate: int | None = None) -> dict[str, jax.Array]:
     """This process's rows of a batch as global arrays sharded by `batch_sharding`; with `accumulate=A` the rows are
     reshaped to (A, B, ...) micro-batches."""
-    out = {}
-    for k in BATCH_KEYS:
-        if k not in batch:
-            continue
-        x = np.asarray(batch[k])
-        if accumulate is not None:
-            x = x.reshape(accumulate, -1, *x.shape[1:])
-        B = x.shape[1 if accumulate is not None else 0] * jax.process_count()
-        sharding = batch_sharding(mesh, accumulate is not None, B)
-        out[k] = jax.make_array_from_process_local_data(sharding, x)
-    return out
+    arrays = {k: np.asarray(batch[k]) for k in BATCH_KEYS if k in batch}
+    if accumulate is not None:
+        arrays = {k: x.reshape(accumulate, -1, *x.shape[1:]) for k, x in arrays.items()}
+    rows = next(iter(arrays.values())).shape[0 if accumulate is None else 1]  # this process's sequences
+    sharding = batch_sharding(mesh, accumulate is not None, rows * jax.process_count())
+    return {k: jax.make_array_from_process_local_data(sharding, x) for k, x in arrays.items()}
 
 
 def evaluate_loss(evaluate, trainable, frozen, val_batches: Callable[[], Iterable[dict]], mesh, max_batches: int | None) -> dict:
