@@ -43,7 +43,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        crashpoint(f"write {path.parent.name}/{path.name}")
+        crashpoint(f"write {_stable_name(path.parent)}/{path.name}")
         os.replace(tmp, path)
         fsync_dir(path.parent)
     finally:
@@ -67,6 +67,15 @@ def copy_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> None:
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def _stable_name(directory: Path) -> str:
+    """The directory's name with a staging suffix removed (`.hf.staging-1a2b3c4d` → `hf`): crash-point names must
+    be the same in every run."""
+    name = directory.name
+    if name.startswith(".") and STAGING_MARK in name:
+        return name[1:name.index(STAGING_MARK)]
+    return name
 
 
 def staging_dir(final: str | os.PathLike) -> Path:
