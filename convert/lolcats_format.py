@@ -1,4 +1,4 @@
-"""The original LoLCATS checkpoint layout (HazyResearch/lolcats; reference §8.1, §8.2, §8.4), both ways.
+"""The original LoLCATS checkpoint layout (HazyResearch/lolcats; reference §5.1, §8.1, §8.2, §8.4, §8.6), both ways.
 
 Keys (prefix P = `base_model.model.model.layers.{i}.self_attn.`, the PEFT-wrapped names of §8.4):
 
@@ -9,8 +9,13 @@ Keys (prefix P = `base_model.model.model.layers.{i}.self_attn.`, the PEFT-wrappe
     P {q,k,v,o}_proj.lora_B.default.weight                (out, r)       B; update (α/r)·B A
 
 Ours ↔ theirs (R = r, E hidden, H/K heads, D head dim): q A (E,R) ↔ (R,E); q B (R,H,D) ↔ (H·D,R); k/v B (R,K,D) ↔
-(K·D,R); o A (H,D,R) ↔ (R,H·D); o B (R,E) ↔ (E,R). Only attention LoRA targets exist in that layout. The original
-stores bf16; we write float32 unless asked otherwise (our θ and feature maps are float32 master weights).
+(K·D,R); o A (H,D,R) ↔ (R,H·D); o B (R,E) ↔ (E,R). Only attention LoRA targets exist in that layout.
+
+Writing (`write_lolcats_checkpoint`) produces what the original's own loaders take: `{name}_distill.pt` with the
+attention parameters under `model.layers.{i}.self_attn.…` (its `--load_distill_checkpoint` path loads them into the
+converted model before LoRA is attached, `strict=False`, so PEFT names would all be "unexpected"), `{name}_ft.pt`
+with the adapters under the PEFT names above, both as `torch.save({"model_state_dict": …})` of tensors only (bf16 by
+default, as the original stores them), and model / finetune YAML stubs with the attention and LoRA settings.
 
 Reading accepts the prefixes `model.`, `model.model.`, `base_model.model.model.` (or none), the main-branch alias
 `window_factor`, PEFT names with or without the adapter name `default`, a `model_state_dict` wrapper, `.pt` files
@@ -30,7 +35,6 @@ from convert.errors import ConversionError
 from lolcats_jax.model.llama_config import LlamaConfig
 
 PREFIX = "base_model.model.model.layers."
-CHECKPOINT_FILE = "lolcats_checkpoint.safetensors"
 CONFIG_FILE = "lolcats_config.json"
 ATTN_TARGETS = ("q", "k", "v", "o")
 _KEY = re.compile(r"^(?:base_model\.model\.model\.|model\.model\.|model\.)?layers\.(\d+)\.(.+)$")
@@ -59,9 +63,29 @@ def lora_hf_shapes(cfg: LlamaConfig, rank: int) -> dict[str, tuple[tuple[int, in
 
 # ------------------------------------------------------------------------------------------------------ writing
 
+DISTILL_SUFFIX, FT_SUFFIX = "_distill.pt", "_ft.pt"
+MODEL_YAML, FINETUNE_YAML = "model_config.yaml", "finetune_config.yaml"
+DISTILL_PREFIX = "model.layers."  # named_parameters() of the converted, not yet PEFT-wrapped model (§5.1, §8.1)
+_ATTENTION_TYPES = {("hybrid", "tk"): "lolcats_llama_window_tk", ("hybrid", "sw"): "lolcats_llama_window_sw"}
+
+
+def noncompat_reason(model) -> str | None:
+    """Why the original code would evaluate `model` differently (None when it would not).
+
+    Only hybrid tk layers differ: our default masks are start-aligned (blocks from position 0) and decode exactly,
+    the original aligns the terraced blocks to the end of each call and decodes with a sliding window (§3.4, §3.8).
+    sw windows and the linear form are the same math in both."""
+    lo = model.opts.lolcats
+    if not model.lin_layers or lo.compat or lo.form != "hybrid" or lo.window != "tk":
+        return None
+    return ("this model was trained with attention.compat: false (terraced blocks aligned to position 0, exact "
+            "decoding); the original code aligns the blocks to the end of each call and decodes with a sliding "
+            "window, so it would evaluate these weights differently")
+
 
 def lolcats_tensors(model, dtype: np.dtype | None = None) -> dict[str, np.ndarray]:
-    """Every tensor of `model`'s linearization (feature maps, window factors, attention LoRA) in the original layout."""
+    """Every tensor of `model`'s linearization (feature maps, window factors, attention LoRA) under the PEFT-wrapped
+    names of the original (prefix PREFIX), float32 unless `dtype` says otherwise."""
     from convert.flax_to_hf import _to_host
 
     dtype = np.dtype(dtype if dtype is not None else np.float32)
@@ -94,11 +118,56 @@ def lolcats_tensors(model, dtype: np.dtype | None = None) -> dict[str, np.ndarra
     return {k: np.ascontiguousarray(v.astype(dtype)) for k, v in out.items()}
 
 
+def split_for_original(tensors: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(distill, ft) state dicts as the original's two loaders expect them: the distill checkpoint is loaded into the
+    converted model before LoRA is attached (keys `model.layers.…`), the ft checkpoint into the PEFT-wrapped model
+    (keys `base_model.model.model.layers.….lora_{A,B}.default.weight`)."""
+    distill = {DISTILL_PREFIX + k[len(PREFIX):]: v for k, v in tensors.items() if ".lora_" not in k}
+    ft = {k: v for k, v in tensors.items() if ".lora_" in k}
+    return distill, ft
+
+
+def model_yaml(model, base_path: str | None, dtype_name: str) -> dict:
+    """A model YAML (reference §8.6) with the attention settings of `model`, for the original's scripts."""
+    lo, cfg = model.opts.lolcats, model.cfg
+    if lo.form == "linear":
+        attention_type = "lolcats_llama"
+    else:
+        attention_type = _ATTENTION_TYPES.get((lo.form, lo.window))
+    if attention_type is None:
+        raise ConversionError(f"attention form={lo.form!r} window={lo.window!r} has no attention_type in the original code")
+    hf = cfg.to_hf_dict()
+    model_section = {"pretrained_model_name_or_path": base_path or "<path of the base Llama>", "return_dict": True,
+                     "load_in_8bit": False, "load_in_4bit": False, "device_map": "auto", "low_cpu_mem_usage": True,
+                     "torch_dtype": dtype_name, "attn_implementation": "eager", "rope_theta": float(cfg.rope_theta)}
+    if hf.get("rope_scaling"):
+        model_section["rope_scaling"] = hf["rope_scaling"]
+    attention = {"attention_type": attention_type, "state_chunk_len": 1024, "window_size": int(lo.window_size),
+                 "affine_attention_factors": bool(lo.affine), "init_window_factor": -2.1972245773362196,
+                 "feature_map": lo.feature_map, "feature_map_kwargs": {"eps": float(lo.eps), "fullspace": bool(lo.fullspace)},
+                 "layer_idx": None, "learned_kernel": "untied_head_einsum",
+                 "learned_kernel_kwargs": {"feature_dim": int(lo.feature_dim), "skip_connection": False,
+                                           "bias": bool(lo.feature_bias), "zero_init": False},
+                 "tie_qk_kernels": False, "train_qk": False}
+    softmax = [i for i, k in enumerate(model.kinds) if k == "softmax"]
+    if softmax:
+        attention["softmax_attentions"] = softmax
+    return {"name": "llama", "model": model_section, "attention": attention}
+
+
+def finetune_yaml(model) -> dict:
+    """The `finetune` block of an experiment YAML (reference §5.2) with `model`'s LoRA settings."""
+    lora = model.opts.lora
+    return {"finetune": {"method": "lora", "kwargs": {
+        "r": int(lora.rank), "lora_alpha": float(lora.alpha), "lora_dropout": float(getattr(lora, "dropout", 0.0)),
+        "target_modules": [f"{t}_proj" for t in lora.targets]}}}
+
+
 def describe(model) -> dict:
     """lolcats_config.json: what the checkpoint needs besides its tensors to be rebuilt."""
     lo, lora = model.opts.lolcats, model.opts.lora
     return {
-        "format": "lolcats (HazyResearch/lolcats PEFT-wrapped key layout)",
+        "format": "lolcats (HazyResearch/lolcats torch.save state dicts)",
         "attention": {"form": lo.form, "window": lo.window, "window_size": lo.window_size,
                       "feature_map": lo.feature_map, "fullspace": lo.fullspace, "feature_dim": lo.feature_dim,
                       "feature_bias": lo.feature_bias, "eps": lo.eps, "affine": lo.affine, "compat": lo.compat,
@@ -107,19 +176,58 @@ def describe(model) -> dict:
     }
 
 
-def write_lolcats_checkpoint(model, out_dir: Path, dtype: np.dtype | None = None) -> list[Path]:
-    """Writes CHECKPOINT_FILE and CONFIG_FILE into `out_dir` (atomically each); returns their paths."""
-    from convert.safetensors_io import save_file
+def _torch_save_atomic(state_dict: dict[str, np.ndarray], path: Path, torch_dtype) -> None:
+    """torch.save({"model_state_dict": {name: tensor}}) under a temporary name, then renamed: tensors and str keys
+    only, so `torch.load(path, weights_only=True)` (torch's default) reads it."""
+    from collections import OrderedDict
+
+    import torch
+
+    from lolcats_jax.fsio import atomic_path
+
+    sd = OrderedDict((k, torch.from_numpy(np.array(v, np.float32)).to(torch_dtype)) for k, v in state_dict.items())
+    with atomic_path(path) as tmp:
+        torch.save({"model_state_dict": sd}, tmp)
+
+
+def write_lolcats_checkpoint(model, out_dir: Path, dtype: np.dtype | None = None, *, name: str = "lolcats",
+                             base_path: str | None = None, allow_noncompat: bool = False) -> list[Path]:
+    """Writes what the original's scripts load into `out_dir` (each file atomically) and returns the paths:
+
+        {name}_distill.pt      feature maps + window factors, keys model.layers.{i}.self_attn.… (§8.1)
+        {name}_ft.pt           attention LoRA, PEFT keys (§8.2)                     (only with LoRA)
+        model_config.yaml      model YAML with the attention settings (§8.6)
+        finetune_config.yaml   the finetune block (r, lora_alpha, target_modules)    (only with LoRA)
+        lolcats_config.json    this project's description (what `convert.from_lolcats` needs to re-import)
+
+    Tensors are bfloat16 (as the original stores them) unless `dtype` is float32."""
+    import torch
+    import yaml
+
     from lolcats_jax.fsio import write_bytes_atomic
 
-    tensors = lolcats_tensors(model, dtype)
-    if not tensors:
+    reason = noncompat_reason(model)
+    if reason is not None and not allow_noncompat:
+        raise ConversionError(f"refusing --format lolcats: {reason}; pass --allow-noncompat to write it anyway, or "
+                              f"export with --format hf (which carries this project's own modeling code)")
+    torch_dtype = torch.float32 if dtype is not None and np.dtype(dtype) == np.float32 else torch.bfloat16
+    distill, ft = split_for_original(lolcats_tensors(model))
+    if not distill and not ft:
         raise ConversionError("the model has neither linearized layers nor LoRA adapters: nothing to write")
-    ckpt = out_dir / CHECKPOINT_FILE
-    save_file(tensors, ckpt)
-    written = [ckpt]
-    write_bytes_atomic(out_dir / CONFIG_FILE, (json.dumps(describe(model), indent=2) + "\n").encode())
-    return written + [out_dir / CONFIG_FILE]
+    written = []
+    for suffix, sd in ((DISTILL_SUFFIX, distill), (FT_SUFFIX, ft)):
+        if sd:
+            _torch_save_atomic(sd, out_dir / f"{name}{suffix}", torch_dtype)
+            written.append(out_dir / f"{name}{suffix}")
+    dtype_name = "float32" if torch_dtype == torch.float32 else "bfloat16"
+    texts = {MODEL_YAML: yaml.safe_dump(model_yaml(model, base_path, dtype_name), sort_keys=False)}
+    if ft:
+        texts[FINETUNE_YAML] = yaml.safe_dump(finetune_yaml(model), sort_keys=False)
+    texts[CONFIG_FILE] = json.dumps(describe(model), indent=2) + "\n"
+    for file_name, text in texts.items():
+        write_bytes_atomic(out_dir / file_name, text.encode())
+        written.append(out_dir / file_name)
+    return written
 
 
 # ------------------------------------------------------------------------------------------------------ reading
@@ -207,7 +315,7 @@ def _take(slot: dict, suffix: str, layer: int, shape: tuple[int, ...], where: st
 
 def parse_checkpoint(tensors: dict[str, np.ndarray], cfg: LlamaConfig, where: str = "checkpoint") -> ParsedCheckpoint:
     """Checks every key and shape against `cfg` and converts to our layout; errors name the offending key."""
-    L, H, D, E = cfg.num_layers, cfg.num_heads, cfg.head_dim, cfg.hidden_size
+    L, H, D = cfg.num_layers, cfg.num_heads, cfg.head_dim
     per_layer = _split(tensors, where)
     out_of_range = sorted(i for i in per_layer if not 0 <= i < L)
     if out_of_range:

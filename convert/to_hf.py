@@ -14,10 +14,14 @@ trust_remote_code=True)` loads offline:
     configuration_lolcats.py, modeling_lolcats.py   the PyTorch model (convert/hf_modeling/)
     tokenizer files           copied from the base model directory
 
-`--format lolcats` writes `DIR/lolcats_checkpoint.safetensors` in the original repository's key layout (see
-`convert.lolcats_format`) plus `DIR/lolcats_config.json` describing the attention and LoRA settings.
+`--format lolcats` writes what the original repository's scripts load (see `convert.lolcats_format`):
+`DIR/lolcats_distill.pt` (feature maps, window factors), `DIR/lolcats_ft.pt` (attention LoRA, PEFT names),
+`model_config.yaml` / `finetune_config.yaml` stubs and `lolcats_config.json`. A run trained with the default
+`attention.compat: false` and terraced (tk) windows is refused unless `--allow-noncompat`: the original evaluates
+those weights with other masks.
 
-`--dtype` sets the dtype of the base weights (hf) or of every tensor (lolcats); default: the model's own. The output
+`--dtype` sets the dtype of the base weights (hf; default the model's own) or of every tensor (lolcats; default
+bfloat16, as the original stores them). The output
 directory must be new or empty; files are written under temporary names and renamed, and removed again on failure.
 """
 
@@ -154,6 +158,7 @@ def export_linearized(
     format: str = "hf",
     dtype: str | None = None,
     max_shard_size: int | str = "5GB",
+    allow_noncompat: bool = False,
 ) -> list[Path]:
     """Writes `model` as a Hugging Face directory (format "hf") or an original-layout LoLCATS checkpoint ("lolcats");
     returns the files written (nothing off process 0, which only takes part in the gathers)."""
@@ -168,7 +173,13 @@ def export_linearized(
 
         if jax.process_index() != 0:
             return []
-        return _write_dir(out, lambda d, written: written.extend(write_lolcats_checkpoint(model, d, out_dtype)))
+        base = None if tokenizer_dir is None else str(tokenizer_dir)
+
+        def write_lolcats(d: Path, written: list[Path]) -> None:
+            written.extend(write_lolcats_checkpoint(model, d, out_dtype, base_path=base,
+                                                    allow_noncompat=allow_noncompat))
+
+        return _write_dir(out, write_lolcats)
 
     tok_files = _tokenizer_files(tokenizer_dir)
     specs = merged_base_specs(model, out_dtype) + lolcats_specs(model)
@@ -198,6 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--format", default="hf", choices=["hf", "lolcats"])
     ap.add_argument("--dtype", default=None, choices=sorted(OUT_DTYPES), help="default: the model's own dtype")
     ap.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (hf format)")
+    ap.add_argument("--allow-noncompat", action="store_true",
+                    help="lolcats format: write a run trained with attention.compat: false (tk) anyway")
     args = ap.parse_args(argv)
     from lolcats_jax.config import load_config
     from lolcats_jax.errors import CheckpointError
@@ -209,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         raise ConversionError(f"{args.run}: cannot load the run's model ({e})") from None
     written = export_linearized(model, tokenizer_dir, args.out, format=args.format, dtype=args.dtype,
-                                max_shard_size=args.max_shard_size)
+                                max_shard_size=args.max_shard_size, allow_noncompat=args.allow_noncompat)
     print(f"wrote {len(written)} files to {args.out}")
     return 0
 

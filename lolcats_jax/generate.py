@@ -27,6 +27,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
+                    help="prefill long prompts N tokens at a time (bounded memory; same output for default-mode models)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--mesh", default=None, metavar="data=1,fsdp=-1,tensor=1",
                     help="shard the model over this device mesh (-1 = the remaining devices); default one device")
@@ -78,6 +80,7 @@ def _generate(args: argparse.Namespace, mesh) -> int:
         sampling=SamplingConfig(temperature=args.temperature, top_p=args.top_p, seed=args.seed),
         eos_ids=eos_ids(tokenizer, model.cfg.eos_token_id),
         on_token=on_token,
+        prefill_chunk=args.prefill_chunk,
     )
     dt = time.perf_counter() - t1
     if stream:

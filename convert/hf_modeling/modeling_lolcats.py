@@ -13,9 +13,8 @@ window set 𝒲_i and linear set 𝓛_i:
 
     sw        𝒲_i = {i−W < j ≤ i},                        𝓛_i = {j ≤ i−W}
     tk        blk(t) = t // W: 𝒲_i = {j ≤ i: blk(j) ≥ blk(i)−1},  𝓛_i = {j ≤ i: blk(j) ≤ blk(i)−2}
-    compat tk blocks aligned to the END of a first (cache-less) call of length T: blk(t) = (t + ⌈T/W⌉W − T) // W, and
-              for T ≤ W every causal key is in both sets (the original implementation's masks); later calls on a
-              cache use the sliding-window sets (the original's decoder).
+    compat tk blocks aligned to the END of a call of length T: blk(t) = (t + ⌈T/W⌉W − T) // W, and for T ≤ W every
+              causal key is in both sets (the original implementation's masks).
 
 Recurrent form (`use_cache=True`): every linearized layer keeps the keys/values it still needs explicitly plus the
 state S = Σ φ_k(k_j) v_jᵀ (H, F', D) and z = Σ φ_k(k_j) (H, F') in float32 over all older keys. After each call, keys
@@ -23,6 +22,12 @@ older than the boundary of the last position t are folded into the state: t − 
 (t // W − 1)·W for tk (up to 2W keys; a whole block enters the state when a new block begins), t + 1 for the linear
 form. Keys below that boundary are linear for every later query, so decoding reproduces the parallel form exactly.
 All attention math is float32; the output is cast to the hidden-state dtype.
+
+With `compat` (hybrid form) the cache follows the original implementation instead (its LinearAttentionTKWindowCache):
+one-token calls decode with a sliding window of W keys; a call of several tokens on a cache is its "stateful" branch:
+the new tokens attend to each other with the masks of a call of their own length, and to everything before only
+through the call state (Σ φ_k v over the tokens of earlier multi-token calls — decoded tokens never enter it); then
+the decode state gains the new tokens but their last W, which replace the held keys (older held keys are dropped).
 
 Padding is not supported in linearized layers (as in the original): a 2-D attention mask with zeros only affects
 the softmax layers, and a warning is printed.
@@ -158,6 +163,8 @@ class LolcatsCacheLayer(CacheLayerMixin):
         self.seen = 0
         self.kv_state: torch.Tensor | None = None  # S
         self.k_state: torch.Tensor | None = None  # z
+        self.call_kv_state: torch.Tensor | None = None  # compat: S over the tokens of multi-token calls
+        self.call_k_state: torch.Tensor | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
@@ -188,6 +195,25 @@ class LolcatsCacheLayer(CacheLayerMixin):
         self.keys, self.values = self.keys[..., m:, :], self.values[..., m:, :]
         self.key_start = boundary
 
+    def add_call(self, f_k: torch.Tensor, v_rep: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                 window: int, first: bool) -> None:
+        """compat: the original's update after a multi-token call of T tokens (features f_k (B,H,T,F'), float32
+        values (B,H,T,D), raw keys/values (B,K,T,D)): the call state gains all T, the decode state all but the last
+        W, and the held keys become the last W (a first call holds them already)."""
+        T = f_k.shape[2]
+        kv, z = torch.einsum("bhtf,bhtd->bhfd", f_k, v_rep), f_k.sum(dim=2)
+        self.call_kv_state = kv if self.call_kv_state is None else self.call_kv_state + kv
+        self.call_k_state = z if self.call_k_state is None else self.call_k_state + z
+        if first:
+            return
+        m = max(T - window, 0)
+        kv, z = torch.einsum("bhtf,bhtd->bhfd", f_k[:, :, :m], v_rep[:, :, :m]), f_k[:, :, :m].sum(dim=2)
+        self.kv_state = kv if self.kv_state is None else self.kv_state + kv
+        self.k_state = z if self.k_state is None else self.k_state + z
+        self.keys, self.values = keys[..., m:, :], values[..., m:, :]
+        self.key_start = self.seen + m
+        self.seen += T
+
     def get_seq_length(self) -> int:
         return self.seen
 
@@ -198,12 +224,12 @@ class LolcatsCacheLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.keys = self.values = self.kv_state = self.k_state = None
+        self.keys = self.values = self.kv_state = self.k_state = self.call_kv_state = self.call_k_state = None
         self.is_initialized = False
         self.key_start = self.seen = 0
 
     def _map_batch(self, fn) -> None:
-        for name in ("keys", "values", "kv_state", "k_state"):
+        for name in ("keys", "values", "kv_state", "k_state", "call_kv_state", "call_k_state"):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, fn(t))
@@ -290,25 +316,36 @@ class LolcatsAttention(nn.Module):
 
         layer = None if cache is None else _cache_layer(cache, self.layer_idx)
         start = 0 if layer is None else layer.seen
-        key_start = 0 if layer is None else layer.key_start
-        if layer is not None:
-            k, v = layer.update(k, v)
-        device = q.device
-        pos_q = torch.arange(start, start + T, device=device)
-        pos_k = torch.arange(key_start, start + T, device=device)
-        window, linear = key_sets(pos_q, pos_k, s, compat_len=T if start == 0 else None)
-
-        k_rep, v_rep = repeat_kv(k, G).float(), repeat_kv(v, G).float()
-        f_q, f_k = self.feature_map_q(q), self.feature_map_k(k_rep)
         gamma = torch.sigmoid(self.window_factors.float())
         lam = 1.0 - gamma if s.affine else torch.ones_like(gamma)
-        kv_state = None if layer is None else layer.kv_state
-        k_state = None if layer is None else layer.k_state
-        y = lolcats_attend(q.float(), k_rep, v_rep, f_q, f_k, gamma, lam, window, linear, kv_state, k_state, s.form)
-
-        if layer is not None:
-            layer.seen = start + T
-            layer.fold(s.state_boundary(start + T - 1), self.feature_map_k, G)
+        original_cache = layer is not None and s.compat and s.form == "hybrid"
+        if original_cache and start > 0 and T > 1:  # the original's stateful branch (see the module docstring)
+            pos = torch.arange(T, device=q.device)
+            window, linear = key_sets(pos, pos, s, compat_len=T)
+            k_rep, v_rep = repeat_kv(k, G).float(), repeat_kv(v, G).float()
+            f_q, f_k = self.feature_map_q(q), self.feature_map_k(k_rep)
+            y = lolcats_attend(q.float(), k_rep, v_rep, f_q, f_k, gamma, lam, window, linear, layer.call_kv_state,
+                               layer.call_k_state, s.form)
+            layer.add_call(f_k, v_rep, k, v, int(s.window_size), first=False)
+        else:
+            key_start = 0 if layer is None else layer.key_start
+            if layer is not None:
+                k, v = layer.update(k, v)
+            device = q.device
+            pos_q = torch.arange(start, start + T, device=device)
+            pos_k = torch.arange(key_start, start + T, device=device)
+            # compat: a first call has the original's masks for its length, one-token calls on a cache its decoder
+            window, linear = key_sets(pos_q, pos_k, s, compat_len=T if start == 0 else None)
+            k_rep, v_rep = repeat_kv(k, G).float(), repeat_kv(v, G).float()
+            f_q, f_k = self.feature_map_q(q), self.feature_map_k(k_rep)
+            kv_state = None if layer is None else layer.kv_state
+            k_state = None if layer is None else layer.k_state
+            y = lolcats_attend(q.float(), k_rep, v_rep, f_q, f_k, gamma, lam, window, linear, kv_state, k_state, s.form)
+            if layer is not None:
+                if original_cache and start == 0:
+                    layer.add_call(f_k, v_rep, k, v, int(s.window_size), first=True)
+                layer.seen = start + T
+                layer.fold(s.state_boundary(start + T - 1), self.feature_map_k, G)
         y = y.to(hidden_states.dtype).transpose(1, 2).reshape(B, T, -1)
         return self.o_proj(y), None
 

@@ -19,6 +19,15 @@ Ring length and exact equivalence with the parallel form at every position t:
   tk with spec.compat: the original decoder (reference §3.8), i.e. the sw rule with R = W.
   linear form: no ring; (S, z) include the current token, y = f_q S / (f_q·z + LINEAR_DENOM_EPS).
   softmax form: not supported (needs a growing KV cache).
+
+Under spec.compat (hybrid form) the state also carries what the original's cache keeps for multi-token calls on a
+cache (its "stateful" branch, reference §3.7-3, §3.8; see continuation.py):
+  s_all_BHFD, z_all_BHF   Σ over every token of the multi-token calls (its kv_states / k_states; decoding does not
+                          add to them)
+  start_B                 the oldest position the ring may still hold: a multi-token call replaces the original's
+                          window cache by its own last W tokens, so older ring keys that never reached (S, z) are
+                          dropped. 0 until such a call.
+Without compat these three are None.
 """
 
 from __future__ import annotations
@@ -42,6 +51,14 @@ class DecodeState(NamedTuple):
     v_BRHD: Array  # (B, R, H, Dv)
     fk_BRHF: Array  # (B, R, H, F') compute dtype
     pos_B: Array  # (B,) int32
+    s_all_BHFD: Array | None = None  # compat only (see above)
+    z_all_BHF: Array | None = None
+    start_B: Array | None = None
+
+
+def keeps_call_state(spec: LolcatsSpec) -> bool:
+    """True when the state follows the original's cache (spec.compat, hybrid form): see the module docstring."""
+    return spec.compat and spec.form == "hybrid"
 
 
 def _decode_spec(spec: LolcatsSpec) -> LolcatsSpec:
@@ -66,10 +83,12 @@ def init_decode_state(batch: int, num_heads: int, head_dim: int, feature_out_dim
                       dtype=jnp.float32, value_dim: int | None = None) -> DecodeState:
     """The empty state (no token consumed). feature_out_dim is F' (`spec.feature_out_dim(F)`)."""
     R, Dv, cdt = ring_len(spec), value_dim or head_dim, compute_dtype(dtype)
-    return DecodeState(
-        jnp.zeros((batch, num_heads, feature_out_dim, Dv), cdt), jnp.zeros((batch, num_heads, feature_out_dim), cdt),
-        jnp.zeros((batch, R, num_heads, head_dim), dtype), jnp.zeros((batch, R, num_heads, Dv), dtype),
-        jnp.zeros((batch, R, num_heads, feature_out_dim), cdt), jnp.zeros((batch,), jnp.int32))
+    s = jnp.zeros((batch, num_heads, feature_out_dim, Dv), cdt)
+    z = jnp.zeros((batch, num_heads, feature_out_dim), cdt)
+    pos = jnp.zeros((batch,), jnp.int32)
+    extra = (s, z, pos) if keeps_call_state(spec) else (None, None, None)
+    return DecodeState(s, z, jnp.zeros((batch, R, num_heads, head_dim), dtype), jnp.zeros((batch, R, num_heads, Dv), dtype),
+                       jnp.zeros((batch, R, num_heads, feature_out_dim), cdt), pos, *extra)
 
 
 def _slot_positions(pos_B, R: int) -> Array:
@@ -98,9 +117,15 @@ def prefill_state(
     in_state_BT = (pos_T[None, :] < (len_B - R)[:, None]).astype(cdt)  # keys that already left the ring
     s_BHFD = jnp.einsum("bt,bthf,bthd->bhfd", in_state_BT, fk_BTHF, v.astype(cdt))
     z_BHF = jnp.einsum("bt,bthf->bhf", in_state_BT, fk_BTHF)
+    if keeps_call_state(spec):  # the prompt is the first multi-token call: Σ over all of its tokens
+        valid_BT = (pos_T[None, :] < len_B[:, None]).astype(cdt)
+        extra = {"s_all_BHFD": jnp.einsum("bt,bthf,bthd->bhfd", valid_BT, fk_BTHF, v.astype(cdt)),
+                 "z_all_BHF": jnp.einsum("bt,bthf->bhf", valid_BT, fk_BTHF), "start_B": jnp.zeros((B,), jnp.int32)}
+    else:
+        extra = {}
     if T == 0 or R == 0:
         empty = init_decode_state(B, H, k.shape[-1], fk_BTHF.shape[-1], spec, k.dtype, v.shape[-1])
-        return empty._replace(s_BHFD=s_BHFD, z_BHF=z_BHF, pos_B=len_B)
+        return empty._replace(s_BHFD=s_BHFD, z_BHF=z_BHF, pos_B=len_B, **extra)
     slot_pos_BR = _slot_positions(len_B, R)
     idx_BR = jnp.clip(slot_pos_BR, 0, T - 1)
     valid_BR11 = (slot_pos_BR >= 0)[:, :, None, None]
@@ -108,7 +133,7 @@ def prefill_state(
     def gather(x_BTHX):
         return jnp.where(valid_BR11, jnp.take_along_axis(x_BTHX, idx_BR[:, :, None, None], axis=1), 0)
 
-    return DecodeState(s_BHFD, z_BHF, gather(k), gather(v), gather(fk_BTHF), len_B)
+    return DecodeState(s_BHFD, z_BHF, gather(k), gather(v), gather(fk_BTHF), len_B)._replace(**extra)
 
 
 def decode_step(
@@ -140,11 +165,12 @@ def decode_step(
     if R != ring_len(spec):
         raise ValueError(f"state ring length {R} does not match {ring_len(spec)=} for this spec")
     t_B = state.pos_B
+    start_B = jnp.zeros_like(t_B) if state.start_B is None else state.start_B
     slot_BR = jnp.arange(R)[None, :] == jnp.mod(t_B, R)[:, None]
-    # 1. fold the key leaving the ring (position t − R) into the linear state
+    # 1. fold the key leaving the ring (position t − R) into the linear state (unless it was dropped, compat)
     # select the leaving slot's features and value first (one-hot or all-zero weights, so this is exact), then one
     # outer product: the three-operand einsum materialised (B, R, H, F') products, ~17× slower on CPU
-    evict_BR = (slot_BR & (t_B >= R)[:, None]).astype(cdt)
+    evict_BR = (slot_BR & (t_B - R >= start_B)[:, None]).astype(cdt)
     fk_out_BHF = jnp.einsum("br,brhf->bhf", evict_BR, state.fk_BRHF)
     v_out_BHD = jnp.einsum("br,brhd->bhd", evict_BR, state.v_BRHD.astype(cdt))
     s_BHFD = state.s_BHFD + jnp.einsum("bhf,bhd->bhfd", fk_out_BHF, v_out_BHD)
@@ -155,7 +181,7 @@ def decode_step(
     # 3. attend: ring keys by the parallel form's key-set rule, older keys through (S, z)
     slot_pos_BR = _slot_positions(t_B + 1, R)
     win_BR, lin_BR = key_sets(t_B[:, None], slot_pos_BR, 0, dspec)
-    valid_BR = slot_pos_BR >= 0
+    valid_BR = slot_pos_BR >= start_B[:, None]
     win_B1R, lin_B1R = (win_BR & valid_BR)[:, None], (lin_BR & valid_BR)[:, None]
     gamma_H, lam_H = window_factors(theta_H, spec, cdt)
     g, l = gamma_H[None, :, None], lam_H[None, :, None]
@@ -166,7 +192,7 @@ def decode_step(
         + l * jnp.where(lin_B1R, jnp.einsum("bhf,brhf->bhr", fq_BHF, fk_BRHF), 0.0)
     num = jnp.einsum("bhr,brhd->bhd", p_BHR, v_BRHD.astype(cdt)) + l * jnp.einsum("bhf,bhfd->bhd", fq_BHF, s_BHFD)
     den = jnp.sum(p_BHR, axis=-1) + l[..., 0] * jnp.einsum("bhf,bhf->bh", fq_BHF, z_BHF)
-    new = DecodeState(s_BHFD, z_BHF, k_BRHD, v_BRHD, fk_BRHF, t_B + 1)
+    new = state._replace(s_BHFD=s_BHFD, z_BHF=z_BHF, k_BRHD=k_BRHD, v_BRHD=v_BRHD, fk_BRHF=fk_BRHF, pos_B=t_B + 1)
     return (num / den[..., None]).astype(q_t.dtype), new
 
 

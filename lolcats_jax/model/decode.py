@@ -8,6 +8,12 @@ Batches are RIGHT-padded: row b holds `lengths[b]` real tokens at positions 0..l
 left-padded prompts shift them first, see `right_align`). Padded slots are never attended to and never enter a
 state. Rows advance together; each has its own position.
 
+Three calls: `prefill` (the prompt, in parallel), `extend` (N more tokens per row on an existing cache, in parallel:
+the rest of a long prompt chunk by chunk, or a new conversation turn) and `decode_step` (one token per row; rows
+marked inactive stay as they are). For default-mode models any mix of them equals one parallel forward over the
+whole sequence; under `attention.compat` the linearized layers follow the original's cache (see
+kernels/lolcats/continuation.py).
+
 Notation: B batch, T tokens, S cache slots, E hidden, H heads, K kv heads, D head dim, V vocabulary.
 """
 
@@ -79,46 +85,94 @@ def prefill(model: Llama, tokens_BT: jax.Array, lengths_B: jax.Array, max_len: i
     return logits, Cache(tuple(caches), lengths_B.astype(jnp.int32))
 
 
-def decode_step(model: Llama, cache: Cache, tokens_B: jax.Array) -> tuple[jax.Array, Cache]:
-    """Consumes one token per row; returns logits (B, V) for the next token and the updated cache."""
-    pos = cache.pos
-    ctx = model._ctx(pos[:, None])
-    x = model.embed_tokens(tokens_B[:, None])
+def _through_layers(model: Llama, cache: Cache, x, ctx, attend_softmax, attend_lolcats):
+    """Runs x through every layer on top of `cache`; attend_*(p, c, q, k, v) → (y, new layer cache)."""
     new = []
-    G = model.cfg.group_size
     for seg, seg_cache in zip(segments_of(model.kinds), cache.segments):
         params = model._segment_params(seg)
+        attend = attend_softmax if seg.kind == "softmax" else attend_lolcats
 
-        def body(x_B1E, inputs, kind=seg.kind):
+        def body(x_BNE, inputs, attend=attend):
             p, c = inputs
-            q, k, v = L.qkv(ctx, p, x_B1E)
-            if kind == "softmax":
-                S = c["k"].shape[1]
-                here = (jnp.arange(S)[None, :] == pos[:, None])[:, :, None, None]
-                kc = jnp.where(here, k.astype(c["k"].dtype), c["k"])
-                vc = jnp.where(here, v.astype(c["v"].dtype), c["v"])
-                valid = (jnp.arange(S)[None, :] <= pos[:, None])[:, None, :]
-                y = cached_softmax_attention(q, kc, vc, valid)
-                c = {"k": kc, "v": vc}
-            else:
-                from kernels.lolcats import decode_step as lolcats_decode
-
-                kr, vr = repeat_kv(k, G), repeat_kv(v, G)
-                spec = ctx.opts.lolcats.spec()
-                y_t, c = lolcats_decode(c, q[:, 0], kr[:, 0], vr[:, 0], L.fmap_params(p), p["window_logit"], spec)
-                y = y_t[:, None]
-            x_B1E = x_B1E + L.attn_out(ctx, p, y.astype(x_B1E.dtype))
-            x_B1E = x_B1E + L.mlp(ctx, p, x_B1E)
-            return x_B1E, c
+            q, k, v = L.qkv(ctx, p, x_BNE)
+            y, c = attend(p, c, q, k, v)
+            x_BNE = x_BNE + L.attn_out(ctx, p, y.astype(x_BNE.dtype))
+            x_BNE = x_BNE + L.mlp(ctx, p, x_BNE)
+            return x_BNE, c
 
         x, c = jax.lax.scan(body, x, (params, seg_cache))
         new.append(c)
-    logits = model.logits(x)[:, 0]
-    return logits, Cache(tuple(new), pos + 1)
+    return x, tuple(new)
+
+
+def extend(model: Llama, cache: Cache, tokens_BN: jax.Array, lengths_B: jax.Array) -> tuple[jax.Array, Cache]:
+    """Consumes the first lengths_b of N new tokens per row (right-padded; 0 leaves a row as it was) on top of the
+    cache; returns the logits (B, V) after each row's last new token (unspecified for rows with none) and the cache.
+    The caller keeps pos + N within the cache's max_len (softmax layers have that many slots)."""
+    from kernels.lolcats.continuation import extend_state
+
+    B, N = tokens_BN.shape
+    pos, G = cache.pos, model.cfg.group_size
+    lengths_B = jnp.clip(lengths_B.astype(jnp.int32), 0, N)
+    positions_BN = pos[:, None] + jnp.arange(N, dtype=jnp.int32)[None, :]
+    ctx = model._ctx(positions_BN)
+    spec = ctx.opts.lolcats.spec()
+
+    def attend_softmax(p, c, q, k, v):
+        S = c["k"].shape[1]
+        idx_BS = jnp.arange(S)[None, :] - pos[:, None]  # slot s holds new token s − pos
+        here_BS11 = ((idx_BS >= 0) & (idx_BS < lengths_B[:, None]))[:, :, None, None]
+        take = lambda x: jnp.take_along_axis(x, jnp.clip(idx_BS, 0, N - 1)[:, :, None, None], axis=1)  # noqa: E731
+        kc = jnp.where(here_BS11, take(k).astype(c["k"].dtype), c["k"])
+        vc = jnp.where(here_BS11, take(v).astype(c["v"].dtype), c["v"])
+        valid_BNS = jnp.arange(S)[None, None, :] <= positions_BN[:, :, None]
+        return cached_softmax_attention(q, kc, vc, valid_BNS), {"k": kc, "v": vc}
+
+    def attend_lolcats(p, c, q, k, v):
+        return extend_state(c, q, repeat_kv(k, G), repeat_kv(v, G), L.fmap_params(p), p["window_logit"], spec,
+                            lengths_B)
+
+    x, segments = _through_layers(model, cache, model.embed_tokens(tokens_BN), ctx, attend_softmax, attend_lolcats)
+    last = jnp.take_along_axis(x, jnp.maximum(lengths_B - 1, 0)[:, None, None], axis=1)  # (B,1,E)
+    return model.logits(last)[:, 0], Cache(segments, pos + lengths_B)
+
+
+def decode_step(model: Llama, cache: Cache, tokens_B: jax.Array,
+                active_B: jax.Array | None = None) -> tuple[jax.Array, Cache]:
+    """Consumes one token per row; returns logits (B, V) for the next token and the updated cache. Rows with
+    active_B False (default: all active) consume nothing: their cache is returned unchanged."""
+    from kernels.lolcats import decode_step as lolcats_decode
+
+    pos, G = cache.pos, model.cfg.group_size
+    ctx = model._ctx(pos[:, None])
+    spec = ctx.opts.lolcats.spec()
+
+    def attend_softmax(p, c, q, k, v):
+        S = c["k"].shape[1]
+        here = jnp.arange(S)[None, :] == pos[:, None]
+        if active_B is not None:
+            here = here & active_B[:, None]
+        here = here[:, :, None, None]
+        kc = jnp.where(here, k.astype(c["k"].dtype), c["k"])
+        vc = jnp.where(here, v.astype(c["v"].dtype), c["v"])
+        valid = (jnp.arange(S)[None, :] <= pos[:, None])[:, None, :]
+        return cached_softmax_attention(q, kc, vc, valid), {"k": kc, "v": vc}
+
+    def attend_lolcats(p, c, q, k, v):
+        kr, vr = repeat_kv(k, G), repeat_kv(v, G)
+        y_t, c_new = lolcats_decode(c, q[:, 0], kr[:, 0], vr[:, 0], L.fmap_params(p), p["window_logit"], spec)
+        if active_B is not None:
+            c_new = jax.tree.map(lambda a, b: jnp.where(active_B.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), c_new, c)
+        return y_t[:, None], c_new
+
+    x, segments = _through_layers(model, cache, model.embed_tokens(tokens_B[:, None]), ctx, attend_softmax,
+                                  attend_lolcats)
+    step = 1 if active_B is None else active_B.astype(jnp.int32)
+    return model.logits(x)[:, 0], Cache(segments, pos + step)
 
 
 def cache_bytes(cache: Cache) -> int:
     return sum(int(a.size) * a.dtype.itemsize for a in jax.tree.leaves(cache))
 
 
-__all__ = ["Cache", "prefill", "decode_step", "right_align", "cache_bytes"]
+__all__ = ["Cache", "prefill", "extend", "decode_step", "right_align", "cache_bytes"]

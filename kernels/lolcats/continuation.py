@@ -1,0 +1,187 @@
+"""Multi-token continuation of a decode state: N new tokens per row attend in parallel to the state and to each other
+(chunked prefill of a long prompt, a conversation turn appended to a cached one).
+
+Notation as in recurrent.py: B batch, N new tokens, H heads, D head dim, Dv value dim, F' feature dim, W window,
+R ring length; candidate keys C = R + N (the ring, oldest first, then the new tokens). Per-token tensors are
+[B, N, H, D], keys/values already repeated to H heads and post-RoPE; row b consumes its first lengths_b tokens at
+positions pos_b, pos_b + 1, … (right padding, as everywhere).
+
+Default mode (no compat) — exact: the output at every new position equals the parallel form over the whole sequence
+(and so `decode_tokens`), because the state holds exactly the keys that are linear for every later query and the ring
+holds the others with their positions; each candidate key is classified by the parallel form's key-set rule at
+absolute positions. Cost O(N·(R + N)) per row and head: callers chunk long prompts.
+
+Compat (hybrid form) — the original's "stateful" branch (reference §3.7-3, §3.8), reproduced with its quirks: the
+new tokens attend to each other with the original's masks for a call of their own length (tk: blocks aligned to the
+end of the call, every causal key in both sets when it is at most W long; sw: the sliding window), and to every
+earlier token only through the call state (s_all, z_all = Σ over the tokens of earlier multi-token calls; tokens that
+were decoded one at a time are not in it; a call of one token is a decode step). Then s_all += Σ new, the decode state (S, z) += Σ of the new tokens except
+the last W, and the ring is replaced by the new tokens' last W (older ring keys are dropped, via start_B).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+from kernels.lolcats.feature_maps import feature_map, window_factors
+from kernels.lolcats.recurrent import DecodeState, _decode_spec, _slot_positions, decode_step, keeps_call_state, ring_len
+from kernels.lolcats.spec import LINEAR_DENOM_EPS, FeatureMapParams, LolcatsSpec, key_sets
+
+
+def extend_state(
+    state: DecodeState,
+    q: Float[Array, "B N H D"],
+    k: Float[Array, "B N H D"],
+    v: Float[Array, "B N H Dv"],
+    fmap: FeatureMapParams,
+    theta_H: Float[Array, "H"] | None,
+    spec: LolcatsSpec,
+    lengths: Int[Array, "B"] | None = None,
+) -> tuple[Float[Array, "B N H Dv"], DecodeState]:
+    """Consume lengths_b (default N) new tokens per row; returns their outputs (q's dtype; rows past lengths_b are
+    unspecified) and the new state. A row with lengths_b = 0 is left as it was."""
+    B, N, H, D = q.shape
+    n_B = jnp.full((B,), N, jnp.int32) if lengths is None else jnp.clip(jnp.asarray(lengths, jnp.int32), 0, N)
+    fq_BNHF = feature_map(q, fmap.wq, fmap.bq, spec)
+    fk_BNHF = feature_map(k, fmap.wk, fmap.bk, spec)
+    real_BN = jnp.arange(N)[None, :] < n_B[:, None]
+    if keeps_call_state(spec):
+        y, new = _extend_compat(state, q, k, v, fq_BNHF, fk_BNHF, theta_H, spec, n_B, real_BN)
+        # the original takes a one-token call on a cache as a decode step
+        y1, one = decode_step(state, q[:, 0], k[:, 0], v[:, 0], fmap, theta_H, spec)
+        y = y.at[:, 0].set(jnp.where((n_B == 1)[:, None, None], y1.astype(y.dtype), y[:, 0]))
+        new = _select_rows(n_B == 1, one, new)
+    elif spec.form == "linear":
+        y, new = _extend_linear(state, v, fq_BNHF, fk_BNHF, n_B, real_BN)
+    else:
+        y, new = _extend_exact(state, q, k, v, fq_BNHF, fk_BNHF, theta_H, spec, n_B, real_BN)
+    return y.astype(q.dtype), _select_rows(n_B > 0, new, state)
+
+
+def _select_rows(take_B, a: DecodeState, b: DecodeState) -> DecodeState:
+    """Row-wise a where take_B else b."""
+    pick = lambda x, y: None if x is None else jnp.where(take_B.reshape((-1,) + (1,) * (x.ndim - 1)), x, y)  # noqa: E731
+    return type(a)(*(pick(x, y) for x, y in zip(a, b)))
+
+
+def _sum_kv(w_BN, fk_BNHF, v_BNHD):
+    """(Σ_n w f_k v_nᵀ, Σ_n w f_k) over the new tokens with per-token weights w (B, N)."""
+    cdt = fk_BNHF.dtype
+    w = w_BN.astype(cdt)
+    return (jnp.einsum("bn,bnhf,bnhd->bhfd", w, fk_BNHF, v_BNHD.astype(cdt)),
+            jnp.einsum("bn,bnhf->bhf", w, fk_BNHF))
+
+
+def _combine(q, k_BCHD, v_BCHD, fq_BNHF, fk_BCHF, win_BNC, lin_BNC, theta_H, spec, s_BHFD, z_BHF):
+    """y (B, N, H, Dv) of the hybrid form over candidate keys with masks (B, N, C), plus λ·(state S, z)."""
+    cdt = fq_BNHF.dtype
+    if theta_H is None:
+        raise ValueError(f"form='hybrid' needs theta_H of shape (H,) = ({q.shape[2]},), got None")
+    gamma_H, lam_H = window_factors(theta_H, spec, cdt)
+    g, l = gamma_H[None, :, None, None], lam_H[None, :, None, None]
+    win, lin = win_BNC[:, None], lin_BNC[:, None]  # (B, 1, N, C)
+    s_BHNC = jnp.einsum("bnhd,bchd->bhnc", q.astype(cdt), k_BCHD.astype(cdt)) / np.sqrt(q.shape[-1])
+    s_BHNC = jnp.where(win, s_BHNC, -jnp.inf)
+    c_BHN1 = jnp.max(s_BHNC, axis=-1, keepdims=True)  # every real query has its own key in its window
+    c_BHN1 = jnp.where(jnp.isfinite(c_BHN1), c_BHN1, 0.0)  # padded queries: keep them finite
+    p_BHNC = g * jnp.where(win, jnp.exp(s_BHNC - c_BHN1), 0.0) \
+        + l * jnp.where(lin, jnp.einsum("bnhf,bchf->bhnc", fq_BNHF, fk_BCHF), 0.0)
+    num = jnp.einsum("bhnc,bchd->bnhd", p_BHNC, v_BCHD.astype(cdt)) \
+        + lam_H[None, None, :, None] * jnp.einsum("bnhf,bhfd->bnhd", fq_BNHF, s_BHFD)
+    den = jnp.einsum("bhnc->bnh", p_BHNC) + lam_H[None, None, :] * jnp.einsum("bnhf,bhf->bnh", fq_BNHF, z_BHF)
+    den = jnp.where(den > 0, den, 1.0)  # padded queries only
+    return num / den[..., None]
+
+
+def _extend_linear(state, v, fq_BNHF, fk_BNHF, n_B, real_BN):
+    cdt = fq_BNHF.dtype
+    N = fq_BNHF.shape[1]
+    causal_NN = jnp.tril(jnp.ones((N, N), bool))
+    lin_BNN = causal_NN[None] & real_BN[:, None, :]
+    a_BHNN = jnp.where(lin_BNN[:, None], jnp.einsum("bnhf,bmhf->bhnm", fq_BNHF, fk_BNHF), 0.0)
+    num = jnp.einsum("bhnm,bmhd->bnhd", a_BHNN, v.astype(cdt)) + jnp.einsum("bnhf,bhfd->bnhd", fq_BNHF, state.s_BHFD)
+    den = jnp.einsum("bhnm->bnh", a_BHNN) + jnp.einsum("bnhf,bhf->bnh", fq_BNHF, state.z_BHF) + LINEAR_DENOM_EPS
+    ds, dz = _sum_kv(real_BN, fk_BNHF, v)
+    return num / den[..., None], state._replace(s_BHFD=state.s_BHFD + ds, z_BHF=state.z_BHF + dz,
+                                                pos_B=state.pos_B + n_B)
+
+
+def _ring_in_order(state: DecodeState, R: int):
+    """The ring's keys, values, features and positions oldest first: (B, R, …) each, positions pos−R … pos−1."""
+    pos_BR = state.pos_B[:, None] - R + jnp.arange(R)[None, :]
+    idx_BR11 = jnp.mod(pos_BR, R)[:, :, None, None]
+    take = lambda x: jnp.take_along_axis(x, idx_BR11, axis=1)  # noqa: E731
+    return take(state.k_BRHD), take(state.v_BRHD), take(state.fk_BRHF), pos_BR
+
+
+def _new_ring(cand_k, cand_v, cand_fk, cand_pos_BC, new_pos_B, R: int, oldest_B):
+    """Ring of the positions new_pos−R … new_pos−1 (slot p mod R) gathered from candidates whose positions run
+    contiguously from cand_pos[:, 0]; slots below `oldest_B` (or negative) are zeroed."""
+    slot_pos_BR = _slot_positions(new_pos_B, R)
+    idx_BR = jnp.clip(slot_pos_BR - cand_pos_BC[:, :1], 0, cand_k.shape[1] - 1)
+    valid_BR11 = (slot_pos_BR >= jnp.maximum(oldest_B, 0)[:, None])[:, :, None, None]
+
+    def gather(x):
+        return jnp.where(valid_BR11, jnp.take_along_axis(x, idx_BR[:, :, None, None], axis=1), 0).astype(x.dtype)
+
+    return gather(cand_k), gather(cand_v), gather(cand_fk)
+
+
+def _extend_exact(state, q, k, v, fq_BNHF, fk_BNHF, theta_H, spec, n_B, real_BN):
+    dspec = _decode_spec(spec)
+    R, N = ring_len(spec), q.shape[1]
+    if state.k_BRHD.shape[1] != R:
+        raise ValueError(f"state ring length {state.k_BRHD.shape[1]} does not match {R=} for this spec")
+    ring_k, ring_v, ring_fk, ring_pos_BR = _ring_in_order(state, R)
+    cand_k = jnp.concatenate([ring_k, k.astype(ring_k.dtype)], axis=1)
+    cand_v = jnp.concatenate([ring_v, v.astype(ring_v.dtype)], axis=1)
+    cand_fk = jnp.concatenate([ring_fk, fk_BNHF], axis=1)
+    cand_pos_BC = jnp.concatenate([ring_pos_BR, state.pos_B[:, None] + jnp.arange(N)[None, :]], axis=1)
+    cand_ok_BC = jnp.concatenate([ring_pos_BR >= 0, real_BN], axis=1)
+    q_pos_BN = state.pos_B[:, None] + jnp.arange(N)[None, :]
+    win, lin = key_sets(q_pos_BN[:, :, None], cand_pos_BC[:, None, :], 0, dspec)
+    ok = cand_ok_BC[:, None, :]
+    y = _combine(q, cand_k, cand_v, fq_BNHF, cand_fk, win & ok, lin & ok, theta_H, spec, state.s_BHFD, state.z_BHF)
+    new_pos_B = state.pos_B + n_B
+    fold_BC = cand_ok_BC & (cand_pos_BC < (new_pos_B - R)[:, None])  # keys every later query sees as linear
+    ds, dz = _sum_kv(fold_BC, cand_fk, cand_v)
+    k_r, v_r, fk_r = _new_ring(cand_k, cand_v, cand_fk, cand_pos_BC, new_pos_B, R, jnp.zeros_like(new_pos_B))
+    return y, state._replace(s_BHFD=state.s_BHFD + ds, z_BHF=state.z_BHF + dz, k_BRHD=k_r, v_BRHD=v_r, fk_BRHF=fk_r,
+                             pos_B=new_pos_B)
+
+
+def _call_key_sets(n_B, spec: LolcatsSpec, N: int):
+    """The original's (window, linear) masks (B, N, N) for a call of n_b tokens (positions 0 … n_b−1 of the call)."""
+    i, j = jnp.arange(N)[None, :, None], jnp.arange(N)[None, None, :]
+    causal = (j <= i) & (j < n_B[:, None, None])
+    w = int(spec.window_size)
+    if spec.window == "sw":
+        return causal & (j > i - w), causal & (j <= i - w)
+    blocks = -(-n_B // w)[:, None, None]
+    offset = blocks * w - n_B[:, None, None]
+    blk_i, blk_j = (i + offset) // w, (j + offset) // w
+    one = blocks <= 1  # roll(blockdiag, −W) is the identity: every causal key in both sets
+    return causal & (one | (blk_j >= blk_i - 1)), causal & (one | (blk_j <= blk_i - 2))
+
+
+def _extend_compat(state, q, k, v, fq_BNHF, fk_BNHF, theta_H, spec, n_B, real_BN):
+    R, N = ring_len(spec), q.shape[1]
+    W = int(spec.window_size)
+    win, lin = _call_key_sets(n_B, spec, N)
+    y = _combine(q, k, v, fq_BNHF, fk_BNHF, win, lin, theta_H, spec, state.s_all_BHFD, state.z_all_BHF)
+    ds_all, dz_all = _sum_kv(real_BN, fk_BNHF, v)
+    before_window_BN = jnp.arange(N)[None, :] < (n_B - W)[:, None]
+    ds, dz = _sum_kv(before_window_BN, fk_BNHF, v)
+    new_pos_B = state.pos_B + n_B
+    start_B = state.pos_B + jnp.maximum(n_B - W, 0)
+    cand_pos_BN = state.pos_B[:, None] + jnp.arange(N)[None, :]
+    k_r, v_r, fk_r = _new_ring(k.astype(state.k_BRHD.dtype), v.astype(state.v_BRHD.dtype), fk_BNHF, cand_pos_BN,
+                               new_pos_B, R, start_B)
+    return y, state._replace(s_BHFD=state.s_BHFD + ds, z_BHF=state.z_BHF + dz, k_BRHD=k_r, v_BRHD=v_r, fk_BRHF=fk_r,
+                             pos_B=new_pos_B, s_all_BHFD=state.s_all_BHFD + ds_all, z_all_BHF=state.z_all_BHF + dz_all,
+                             start_B=start_B)
+
+
+__all__ = ["extend_state"]
