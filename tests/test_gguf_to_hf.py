@@ -11,16 +11,12 @@ dequantizes and reorders the weights and rebuilds the tokenizer with code indepe
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterator
-from unittest import mock
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -56,24 +52,11 @@ TOKENIZER_PROBES = [
 # ------------------------------------------------------------------------------------------- helpers
 
 
-@contextlib.contextmanager
-def gguf_loading_allowed() -> Iterator[None]:
-    """transformers refuses GGUF checkpoints unless ``accelerate`` is importable, although a CPU load without
-    a device map never calls it; this project does not install accelerate, so lift only that gate."""
-    if importlib.util.find_spec("accelerate") is not None:
-        yield
-        return
-    import transformers.modeling_utils as modeling_utils
-
-    with mock.patch.object(modeling_utils, "is_accelerate_available", return_value=True):
-        yield
-
-
 def load_reference_model(gguf_path: Path):
-    with gguf_loading_allowed():
-        return transformers.AutoModelForCausalLM.from_pretrained(
-            str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32, local_files_only=True
-        ).eval()
+    # transformers refuses GGUF checkpoints unless accelerate is importable (it is in the lock for that and PEFT)
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32, local_files_only=True
+    ).eval()
 
 
 def load_reference_tokenizer(gguf_path: Path):
