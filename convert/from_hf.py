@@ -31,6 +31,7 @@ from convert.to_hf import MODEL_TYPE, lolcats_hf_names
 from lolcats_jax import sharding as shd
 from lolcats_jax.cli import command
 from lolcats_jax.model import Llama, LlamaConfig, LolcatsLayerOptions, ModelOptions, UnsupportedModelError
+from lolcats_jax.model.llama_config import ARCHITECTURES
 
 _OPTION_KEYS = ("form", "window", "window_size", "feature_map", "fullspace", "feature_dim", "feature_bias", "eps",
                 "affine", "compat")
@@ -50,7 +51,10 @@ def read_linearized_config(model_dir: str | Path) -> tuple[LlamaConfig, ModelOpt
                               f"{MODEL_TYPE!r} (a plain Llama loads with convert.hf_to_flax)")
     section = raw["lolcats"]
     llama = {k: v for k, v in raw.items() if k not in ("lolcats", "auto_map")}
-    llama.update(model_type="llama", architectures=["LlamaForCausalLM"])
+    family = section.get("base_model_type") or "llama"
+    if family not in ARCHITECTURES:
+        raise ConversionError(f"{path}: lolcats.base_model_type={family!r} must be one of {sorted(ARCHITECTURES)}")
+    llama.update(model_type=family, architectures=[ARCHITECTURES[family]])
     try:
         cfg = LlamaConfig.from_hf_dict(llama, source=str(path))
     except UnsupportedModelError as e:

@@ -11,6 +11,7 @@ Each entry names a *layout*, i.e. how one (per-layer) block of ours relates to t
                                                            lm_head (E,V) ← (V,E)
     heads_in   ours (E,N,D) == hf.T.reshape(E,N,D)         wq ← q_proj (H·D,E), wk/wv ← k/v_proj (K·D,E)
     heads_out  ours (N,D,E) == hf.T.reshape(N,D,E)         wo ← o_proj (E,H·D)
+    heads_vec  ours (N,D) == hf.reshape(N,D)               bq ← q_proj.bias (H·D,), bk/bv ← k/v_proj.bias (K·D,)
 
 A layout can also turn a slice of *our* block (one `jax.make_array_from_callback` index) into the slice of the
 HF matrix that covers it: for heads a head range [h0, h1) is the contiguous row (or column) range
@@ -62,6 +63,9 @@ class Layout:
         if self.name == "heads_out":
             N, D, E = ours_shape
             return (E, N * D)
+        if self.name == "heads_vec":
+            N, D = ours_shape
+            return (N * D,)
         raise AssertionError(self.name)
 
     def read(self, read: ReadFn, index: Index, ours_shape: tuple[int, ...]) -> np.ndarray:
@@ -84,6 +88,10 @@ class Layout:
             block = read((s_e, _head_range(s_n, D)))  # (e, n·D)
             block = block.reshape(-1, s_n.stop - s_n.start, D)[:, :, s_d]  # (e, n, d)
             return block.transpose(1, 2, 0)  # (n, d, e)
+        if self.name == "heads_vec":
+            N, D = ours_shape
+            s_n, s_d = index
+            return read((_head_range(s_n, D),)).reshape(s_n.stop - s_n.start, D)[:, s_d]
         raise AssertionError(self.name)
 
     def to_hf(self, ours: np.ndarray) -> np.ndarray:
@@ -96,12 +104,15 @@ class Layout:
             out = ours.reshape(ours.shape[0], -1).T
         elif self.name == "heads_out":
             out = ours.reshape(-1, ours.shape[-1]).T
+        elif self.name == "heads_vec":
+            out = ours.reshape(-1)
         else:
             raise AssertionError(self.name)
         return np.ascontiguousarray(out)
 
 
-SAME, TRANSPOSE, HEADS_IN, HEADS_OUT = (Layout(n) for n in ("same", "transpose", "heads_in", "heads_out"))
+SAME, TRANSPOSE, HEADS_IN, HEADS_OUT, HEADS_VEC = (Layout(n) for n in ("same", "transpose", "heads_in", "heads_out",
+                                                                       "heads_vec"))
 
 # our stacked per-layer parameter → (HF name template, layout)
 LAYER_TABLE: dict[str, tuple[str, Layout]] = {
@@ -110,11 +121,24 @@ LAYER_TABLE: dict[str, tuple[str, Layout]] = {
     "wk": ("model.layers.{i}.self_attn.k_proj.weight", HEADS_IN),
     "wv": ("model.layers.{i}.self_attn.v_proj.weight", HEADS_IN),
     "wo": ("model.layers.{i}.self_attn.o_proj.weight", HEADS_OUT),
+    "bq": ("model.layers.{i}.self_attn.q_proj.bias", HEADS_VEC),  # qkv_bias (Qwen2)
+    "bk": ("model.layers.{i}.self_attn.k_proj.bias", HEADS_VEC),
+    "bv": ("model.layers.{i}.self_attn.v_proj.bias", HEADS_VEC),
+    "q_norm": ("model.layers.{i}.self_attn.q_norm.weight", SAME),  # qk_norm (Qwen3)
+    "k_norm": ("model.layers.{i}.self_attn.k_norm.weight", SAME),
     "mlp_norm": ("model.layers.{i}.post_attention_layernorm.weight", SAME),
     "w_gate": ("model.layers.{i}.mlp.gate_proj.weight", TRANSPOSE),
     "w_up": ("model.layers.{i}.mlp.up_proj.weight", TRANSPOSE),
     "w_down": ("model.layers.{i}.mlp.down_proj.weight", TRANSPOSE),
 }
+
+
+def layer_table(cfg: LlamaConfig) -> dict[str, tuple[str, Layout]]:
+    """The rows of LAYER_TABLE that a model of `cfg` has (biases and q/k norms only in the families with them)."""
+    present = base_shapes(cfg)
+    return {name: row for name, row in LAYER_TABLE.items() if name in present}
+
+
 # our top-level parameter → (HF name, layout)
 GLOBAL_TABLE: dict[str, tuple[str, Layout]] = {
     "embed": ("model.embed_tokens.weight", SAME),
@@ -184,7 +208,7 @@ def param_maps(cfg: LlamaConfig) -> list[ParamMap]:
     E, V = cfg.hidden_size, cfg.vocab_size
     shapes = base_shapes(cfg)
     out = [ParamMap(("embed",), (GLOBAL_TABLE["embed"][0],), SAME, (V, E), stacked=False)]
-    for name, (template, layout) in LAYER_TABLE.items():
+    for name, (template, layout) in layer_table(cfg).items():
         names = tuple(template.format(i=i) for i in range(L))
         out.append(ParamMap(("layers", name), names, layout, tuple(shapes[name]), stacked=True))
     out.append(ParamMap(("final_norm",), (GLOBAL_TABLE["final_norm"][0],), SAME, (E,), stacked=False))

@@ -77,6 +77,7 @@ def lolcats_section(model: Llama) -> dict:
         "fullspace": lo.fullspace, "feature_dim": lo.feature_dim, "feature_bias": lo.feature_bias, "eps": lo.eps,
         "affine": lo.affine, "compat": lo.compat, "layer_kinds": list(model.kinds),
         "softmax_layers": [i for i, k in enumerate(model.kinds) if k == "softmax"],
+        "base_model_type": model.cfg.model_type,
         "lora": None if lora is None else {"merged": True, "rank": lora.rank, "alpha": lora.alpha,
                                           "targets": list(lora.targets)},
     }
@@ -135,6 +136,8 @@ def lolcats_specs(model: Llama) -> list[TensorSpec]:
 
 def hf_config(model: Llama, dtype: np.dtype) -> dict:
     cfg = model.cfg.to_hf_dict()
+    if model.cfg.model_type in ("qwen2", "qwen3"):  # read by transformers' Qwen attention of the softmax layers
+        cfg["layer_types"] = ["full_attention"] * model.cfg.num_layers
     cfg.update(architectures=["LolcatsLlamaForCausalLM"], model_type=MODEL_TYPE, auto_map=dict(AUTO_MAP),
                dtype=np.dtype(dtype).name, lolcats=lolcats_section(model))
     return cfg

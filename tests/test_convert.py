@@ -39,6 +39,12 @@ def make_hf(path: Path, *, dtype=torch.float32, tied=False, shard=None, arch="ll
     if arch == "mistral":
         cfg = transformers.MistralConfig(**TINY, tie_word_embeddings=tied, rope_theta=10000.0, sliding_window=None)
         model = transformers.MistralForCausalLM(cfg)
+    elif arch == "qwen2":  # biases on q, k, v
+        cfg = transformers.Qwen2Config(**TINY, tie_word_embeddings=tied, rope_theta=1000000.0, use_sliding_window=False)
+        model = transformers.Qwen2ForCausalLM(cfg)
+    elif arch == "qwen3":  # RMSNorm of q and k per head
+        cfg = transformers.Qwen3Config(**TINY, tie_word_embeddings=tied, rope_theta=1000000.0, use_sliding_window=False)
+        model = transformers.Qwen3ForCausalLM(cfg)
     else:
         cfg = transformers.LlamaConfig(**TINY, tie_word_embeddings=tied, rope_theta=500000.0, rope_scaling=LLAMA3_ROPE)
         model = transformers.LlamaForCausalLM(cfg)
@@ -80,13 +86,17 @@ def hf_dirs(tmp_path_factory) -> dict[str, Path]:
         "bf16_single_tied": make_hf(root / "c", dtype=torch.bfloat16, tied=True, seed=2),
         "bf16_multi_untied": make_hf(root / "d", dtype=torch.bfloat16, shard="30KB", seed=3),
         "mistral_fp32": make_hf(root / "e", arch="mistral", seed=4),
+        "qwen2_fp32_tied": make_hf(root / "f", arch="qwen2", tied=True, seed=5),
+        "qwen3_bf16_multi": make_hf(root / "g", arch="qwen3", dtype=torch.bfloat16, shard="30KB", seed=6),
+        "qwen3_fp32": make_hf(root / "h", arch="qwen3", seed=7),
     }
 
 
 # ------------------------------------------------------------------------------------------ parity, round trip
 
 
-@pytest.mark.parametrize("name", ["fp32_single_untied", "fp32_multi_tied", "mistral_fp32"])
+@pytest.mark.parametrize("name", ["fp32_single_untied", "fp32_multi_tied", "mistral_fp32", "qwen2_fp32_tied",
+                                  "qwen3_fp32"])
 def test_logits_match_transformers(hf_dirs, name):
     d = hf_dirs[name]
     model = hf_to_flax.load_hf_params(d, param_dtype="float32")
@@ -98,10 +108,11 @@ def test_logits_match_transformers(hf_dirs, name):
     assert np.abs(ours - ref).max() / np.abs(ref).max() <= 1e-5
 
 
-@pytest.mark.parametrize("name", ["fp32_single_untied", "fp32_multi_tied", "bf16_single_tied", "bf16_multi_untied", "mistral_fp32"])
+@pytest.mark.parametrize("name", ["fp32_single_untied", "fp32_multi_tied", "bf16_single_tied", "bf16_multi_untied",
+                                  "mistral_fp32", "qwen2_fp32_tied", "qwen3_bf16_multi"])
 def test_round_trip_is_bit_exact(hf_dirs, tmp_path, name):
     src = hf_dirs[name]
-    dtype = "bfloat16" if name.startswith("bf16") else "float32"
+    dtype = "bfloat16" if "bf16" in name else "float32"
     model = hf_to_flax.load_hf_params(src, param_dtype=dtype)
     multi = "multi" in name
     written = flax_to_hf.export_hf(model, tmp_path / "out", max_shard_size="25KB" if multi else "5GB")
@@ -120,9 +131,10 @@ def test_round_trip_is_bit_exact(hf_dirs, tmp_path, name):
 # --------------------------------------------------------------------------------------- sharded, slice-wise
 
 
-@pytest.mark.parametrize("mesh_name", list(MESHES))
-def test_sharded_load_reads_only_slices(hf_dirs, monkeypatch, mesh_name):
-    d = hf_dirs["fp32_single_untied"]
+@pytest.mark.parametrize("mesh_name,source", [(m, "fp32_single_untied") for m in MESHES]
+                         + [("fsdp4_tensor2", "qwen2_fp32_tied"), ("fsdp4_tensor2", "qwen3_fp32")])
+def test_sharded_load_reads_only_slices(hf_dirs, monkeypatch, mesh_name, source):
+    d = hf_dirs[source]
     reference = flat_params(hf_to_flax.load_hf_params(d, param_dtype="float32"))
     reads: dict[str, list[int]] = {}
     original = SafetensorsDir.slice
@@ -276,6 +288,24 @@ def test_unsupported_architecture_cli_exit_2(hf_dirs, tmp_path, capsys):
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "error: " in proc.stderr and "gpt2" in proc.stderr
     assert flax_to_hf.main(["--ckpt", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
+
+
+@pytest.mark.parametrize("family,change,field", [
+    ("qwen2", {"use_sliding_window": True}, "use_sliding_window"),
+    ("qwen3", {"layer_types": ["full_attention", "sliding_attention", "full_attention"]}, "layer_types"),
+    ("qwen3", {"attention_bias": True}, "attention_bias"),
+    ("qwen2", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling"),
+    ("qwen3", {"architectures": ["Qwen2ForCausalLM"]}, "architecture"),
+])
+def test_unsupported_family_options_are_refused(hf_dirs, tmp_path, family, change, field):
+    """What the one model cannot express (sliding-window softmax layers, o_proj biases, other rope types) is an
+    error naming the field, not a silently different model."""
+    src = hf_dirs["qwen2_fp32_tied" if family == "qwen2" else "qwen3_fp32"]
+    d = shutil.copytree(src, tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, **change}))
+    with pytest.raises(ConversionError, match=field):
+        hf_to_flax.load_hf_params(d, param_dtype="float32")
 
 
 @pytest.mark.parametrize("pre_existing", [False, True])

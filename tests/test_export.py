@@ -30,14 +30,18 @@ VARIANTS = {  # name -> LolcatsLayerOptions overrides
 }
 
 
-def make_model(variant: str = "tk", *, targets=("q", "k", "v", "o"), seed: int = 0) -> Llama:
-    """A tiny linearized Llama with random weights, feature maps, window logits and nonzero LoRA B. Parameters are
-    drawn with numpy into an abstractly built model (no XLA compilation)."""
+FAMILIES = {"llama": {}, "qwen2": dict(model_type="qwen2", qkv_bias=True), "qwen3": dict(model_type="qwen3", qk_norm=True)}
+
+
+def make_model(variant: str = "tk", *, targets=("q", "k", "v", "o"), seed: int = 0, family: str = "llama") -> Llama:
+    """A tiny linearized Llama (or Qwen2 / Qwen3) with random weights, feature maps, window logits, biases and
+    nonzero LoRA B. Parameters are drawn with numpy into an abstractly built model (no XLA compilation)."""
     lo = LolcatsLayerOptions(window_size=W, feature_dim=F, backend="reference", **VARIANTS[variant])
     lora = LoraOptions(rank=R, alpha=ALPHA, targets=targets) if targets else None
     opts = ModelOptions(param_dtype="float32", compute_dtype="float32", remat=False, layer_kinds=KINDS, lolcats=lo,
                         lora=lora)
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Llama(CFG, opts, rngs=nnx.Rngs(0))))
+    cfg = dataclasses.replace(CFG, **FAMILIES[family])
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Llama(cfg, opts, rngs=nnx.Rngs(0))))
     rng = np.random.default_rng(seed)
 
     def draw(path: tuple, shape: tuple[int, ...]) -> jax.Array:
@@ -239,6 +243,32 @@ def test_generate_with_cache_matches_jax_greedy(exported, variant):
         from lolcats_jax.generation import Generator
 
         assert Generator(model).generate([list(p) for p in prompts], steps) == seqs[:, 7:].tolist()
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_family_export_matches_jax(tmp_path, family):
+    """A linearized Qwen2 (q/k/v biases) / Qwen3 (q/k RMSNorm): transformers loads the export with its own attention
+    class in the softmax layer; logits (parallel and cached greedy generation) match JAX; re-import is bit-exact."""
+    model = make_model("tk", family=family)
+    written = to_hf.export_linearized(model, None, tmp_path / "hf")
+    hf = load_hf(tmp_path / "hf")
+    assert type(hf.model.layers[1].self_attn).__name__ == {"qwen2": "Qwen2Attention", "qwen3": "Qwen3Attention"}[family]
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["lolcats"]["base_model_type"] == family
+    names = {n for p in written if p.suffix == ".safetensors" for n in SafetensorsDir(tmp_path / "hf").keys()}
+    extra = {"qwen2": "self_attn.v_proj.bias", "qwen3": "self_attn.k_norm.weight"}[family]
+    assert {f"model.layers.{i}.{extra}" for i in range(3)} <= names
+    for length in LENGTHS:
+        assert rel_err(hf_logits(hf, SEQ[:, :length], use_cache=False), reference_logits(model, length)) <= 1e-4
+    prompts = tokens(2, 7, seed=5)
+    with torch.no_grad():
+        out = hf.generate(torch.tensor(prompts), use_cache=True, max_new_tokens=10, do_sample=False, pad_token_id=0,
+                          eos_token_id=None)
+    seqs = out.numpy()
+    np.testing.assert_array_equal(jax_logits(model, seqs)[:, 6:-1].argmax(-1), seqs[:, 7:])
+    back = from_hf.load_linearized(tmp_path / "hf")
+    assert back.cfg == model.cfg and back.kinds == KINDS
+    to_hf.export_linearized(back, None, tmp_path / "again")
+    assert file_bytes(tmp_path / "hf") == file_bytes(tmp_path / "again")
 
 
 @pytest.mark.parametrize("variant", ["tk", "sw", "linear", "bias_affine_exp"])

@@ -9,7 +9,8 @@ import pytest
 from lolcats_jax.config import load_config
 from lolcats_jax.plan import GB, _abstract_mesh, plan, shard_bytes
 
-BIG = sorted(p for p in glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "llama3_1_*.yaml")))
+BIG = sorted(p for pattern in ("llama3_1_*.yaml", "qwen*.yaml")
+             for p in glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", pattern)))
 
 
 @pytest.mark.parametrize("path", BIG, ids=[os.path.basename(p) for p in BIG])

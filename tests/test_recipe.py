@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -127,6 +128,35 @@ def test_full_recipe_and_stage_skipping(tiny, tmp_path):
     # a second run skips every finished stage
     res2 = subprocess.run(_train_cmd(over), env=_env(), cwd=REPO, capture_output=True, text=True)
     assert res2.returncode == 0 and res2.stderr.count("already finished") == 4, res2.stderr[-2000:]
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_family_recipe_end_to_end(tmp_path, smollm2_dir, family):
+    """Qwen2 / Qwen3 through the recipe: distill → finetune → export, and transformers loads the export with logits
+    equal to the run's JAX model."""
+    import torch
+    import transformers
+
+    from lolcats_jax.assets import shakespeare_dir
+    from lolcats_jax.run_model import load_run_model
+
+    model_dir = write_tiny_model(tmp_path / "model", smollm2_dir, family=family)
+    data_dir = write_tiny_data(tmp_path / "data", shakespeare_dir())
+    run_dir = tmp_path / "run"
+    over = tiny_overrides(model_dir, data_dir, run_dir) + [
+        "run.stages=[distill,finetune,export]", "distill.max_steps=2", "distill.eval_every=2", "finetune.max_steps=2",
+        "attention.softmax_layers=[1]"]
+    res = subprocess.run(_train_cmd(over), env=_env(), cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    model, _ = load_run_model(run_dir)
+    assert model.cfg.model_type == family and model.kinds == ("lolcats", "softmax", "lolcats")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(run_dir / "export" / "hf"), trust_remote_code=True,
+                                                           local_files_only=True, dtype=torch.float32).eval()
+    toks = np.random.default_rng(0).integers(0, model.cfg.vocab_size, (2, 19))
+    with torch.no_grad():
+        ref = hf(torch.tensor(toks), use_cache=False).logits.numpy()
+    ours = np.asarray(model(jnp.asarray(toks)))
+    assert np.abs(ours - ref).max() / np.abs(ref).max() <= 1e-4
 
 
 def _without_timings(x):

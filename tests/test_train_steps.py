@@ -29,6 +29,14 @@ def tiny_dir(tmp_path_factory, smollm2_dir):
     return write_tiny_model(tmp_path_factory.mktemp("tiny") / "model", smollm2_dir)
 
 
+@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3"])
+def family_dir(request, tmp_path_factory, smollm2_dir):
+    """The tiny model of each supported family (Qwen2: q/k/v biases; Qwen3: q/k RMSNorm)."""
+    if request.param == "llama":
+        return request.getfixturevalue("tiny_dir")
+    return write_tiny_model(tmp_path_factory.mktemp(request.param) / "model", smollm2_dir, family=request.param)
+
+
 def _cfg(tiny_dir, *extra):
     return load_config("configs/smollm2_demo.yaml", [
         f"model.path={tiny_dir}", "model.param_dtype=float32", "attention.window_size=8", "attention.feature_dim=8",
@@ -67,8 +75,11 @@ def _torch_qkv_and_teacher(tm, tokens, layer):
         B, T, _ = h.shape
         cfg = tm.config
         H, K, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        q = L.self_attn.q_proj(h).view(B, T, H, D).transpose(1, 2)
-        k = L.self_attn.k_proj(h).view(B, T, K, D).transpose(1, 2)
+        q = L.self_attn.q_proj(h).view(B, T, H, D)
+        k = L.self_attn.k_proj(h).view(B, T, K, D)
+        if hasattr(L.self_attn, "q_norm"):  # Qwen3: transformers' own per-head norms, before RoPE
+            q, k = L.self_attn.q_norm(q), L.self_attn.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = L.self_attn.v_proj(h).view(B, T, K, D).transpose(1, 2)
         pos = torch.arange(T)[None].expand(B, T)
         cos, sin = tm.model.rotary_emb(v, pos)
@@ -81,9 +92,10 @@ def _torch_qkv_and_teacher(tm, tokens, layer):
     return t(q), t(k), t(v), t(y)
 
 
-def test_distill_step_matches_reference(tiny_dir):
+def test_distill_step_matches_reference(family_dir):
     from kernels.lolcats import FeatureMapParams, lolcats_attention_reference
 
+    tiny_dir = family_dir
     cfg = _cfg(tiny_dir)
     mesh = make_mesh(MeshShape(1, 1, 1), devices=jax.devices()[:1])
     tokens = _tokens(2, 24)
@@ -135,7 +147,8 @@ def _lora_weights(split, rng):
     return out
 
 
-def test_lora_step_matches_torch(tiny_dir):
+def test_lora_step_matches_torch(family_dir):
+    tiny_dir = family_dir
     cfg = _cfg(tiny_dir, "attention.kind=softmax")
     mesh = make_mesh(MeshShape(1, 1, 1), devices=jax.devices()[:1])
     tokens = _tokens(2, 20, seed=1)
@@ -181,8 +194,8 @@ def test_lora_step_matches_torch(tiny_dir):
 
 
 @pytest.mark.parametrize("kind", ["distill", "lora"])
-def test_sharded_step_equals_single_device(tiny_dir, kind):
-    cfg = _cfg(tiny_dir)
+def test_sharded_step_equals_single_device(family_dir, kind):
+    cfg = _cfg(family_dir)
     tokens = _tokens(8, 40, seed=2)  # > 2W, so the linear part of the tk window is exercised
     batch = {"input_ids": jnp.asarray(tokens)[None], "labels": jnp.asarray(tokens)[None]}
     losses = []

@@ -11,15 +11,25 @@ TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_atten
             head_dim=16, max_position_embeddings=512, rope_theta=10000.0, tie_word_embeddings=True)
 
 
-def write_tiny_model(out: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
+FAMILY_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+                  "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}
+
+
+def write_tiny_model(out: Path, tokenizer_dir: Path, seed: int = 0, family: str = "llama") -> Path:
     import torch
     import transformers
 
     torch.manual_seed(seed)
     tok_cfg = json.loads((tokenizer_dir / "config.json").read_text())
-    cfg = transformers.LlamaConfig(vocab_size=tok_cfg["vocab_size"], bos_token_id=tok_cfg.get("bos_token_id"),
-                                   eos_token_id=tok_cfg.get("eos_token_id"), **TINY)
-    model = transformers.LlamaForCausalLM(cfg).float()
+    config_cls, model_cls = (getattr(transformers, n) for n in FAMILY_CLASSES[family])
+    cfg = config_cls(vocab_size=tok_cfg["vocab_size"], bos_token_id=tok_cfg.get("bos_token_id"),
+                     eos_token_id=tok_cfg.get("eos_token_id"), **TINY)
+    model = model_cls(cfg).float()
+    if family == "qwen2":  # transformers initialises biases to zero: make them matter
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("proj.bias"):
+                    p.normal_(0.0, 0.5)
     model.save_pretrained(str(out), safe_serialization=True)
     for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
         if (tokenizer_dir / f).exists() and not (out / f).exists():

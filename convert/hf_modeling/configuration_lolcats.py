@@ -10,7 +10,8 @@ linearization is described by one extra JSON object, `lolcats`:
     feature_dim   F;  feature_bias: one learned scalar per head added before the activation
     eps           clamp(min=eps) of every feature;  affine: linear factor 1 - gamma instead of 1
     compat        the original LoLCATS end-aligned terraced masks (and sliding-window decoding)
-    layer_kinds   per layer "lolcats" | "softmax" (softmax layers are plain Llama attention)
+    layer_kinds   per layer "lolcats" | "softmax" (softmax layers are the base family's own attention)
+    base_model_type  the family linearized: "llama" | "mistral" | "qwen2" (q/k/v biases) | "qwen3" (q/k RMSNorm)
     lora          how the LoRA adapters were folded in ({"merged": true, "rank", "alpha", "targets"}) or null
 """
 
@@ -30,6 +31,7 @@ LOLCATS_DEFAULTS = {
     "affine": False,
     "compat": False,
     "layer_kinds": None,  # None: every layer linearized
+    "base_model_type": "llama",
     "lora": None,
 }
 

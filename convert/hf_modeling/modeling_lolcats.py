@@ -31,6 +31,10 @@ the decode state gains the new tokens but their last W, which replace the held k
 
 Padding is not supported in linearized layers (as in the original): a 2-D attention mask with zeros only affects
 the softmax layers, and a warning is printed.
+
+Base families (`lolcats.base_model_type`): llama and mistral (plain projections), qwen2 (biases on q, k, v), qwen3
+(RMSNorm of q and k over the head dim, before RoPE). Layers kept softmax use transformers' own attention class of the
+family; the rest of the decoder (norms, SwiGLU MLP, RoPE) is the same in all four.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ import torch
 from torch import nn
 from transformers import LlamaForCausalLM, LlamaModel, LlamaPreTrainedModel
 from transformers.cache_utils import CacheLayerMixin, DynamicLayer
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb, repeat_kv
 
 try:  # transformers >= 5: initialisers that skip weights loaded from the checkpoint
     from transformers import initialization as _init
@@ -55,6 +59,31 @@ from .configuration_lolcats import LolcatsLlamaConfig
 LINEAR_DENOM_EPS = 1e-12
 FORMS, WINDOWS = ("hybrid", "linear"), ("tk", "sw")
 FEATURE_MAPS = ("softmax_dim", "exp_dim", "relu", "pos_elu")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def base_family(config: LolcatsLlamaConfig) -> str:
+    """The architecture family the model was linearized from (exports before this field: llama)."""
+    family = config.lolcats.get("base_model_type") or "llama"
+    if family not in FAMILIES:
+        raise ValueError(f"config.json lolcats.base_model_type={family!r} must be one of {FAMILIES}")
+    return family
+
+
+def softmax_attention(config: LolcatsLlamaConfig, layer_idx: int) -> nn.Module:
+    """transformers' own attention of the base family, for a layer kept softmax."""
+    family = base_family(config)
+    if family == "qwen2":
+        from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention
+
+        return Qwen2Attention(config, layer_idx)
+    if family == "qwen3":
+        from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention
+
+        return Qwen3Attention(config, layer_idx)
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    return LlamaAttention(config, layer_idx)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,11 +321,15 @@ class LolcatsAttention(nn.Module):
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         H, K, E = config.num_attention_heads, config.num_key_value_heads, config.hidden_size
         self.num_key_value_groups = H // K
-        bias = bool(getattr(config, "attention_bias", False))
-        self.q_proj = nn.Linear(E, H * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(E, K * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(E, K * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(H * self.head_dim, E, bias=bias)
+        family = base_family(config)
+        qkv_bias = family == "qwen2"
+        self.q_proj = nn.Linear(E, H * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(E, K * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(E, K * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(H * self.head_dim, E, bias=False)
+        if family == "qwen3":
+            self.q_norm = LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.k_norm = LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.feature_map_q = LolcatsFeatureMap(H, self.head_dim, self.settings)
         self.feature_map_k = LolcatsFeatureMap(H, self.head_dim, self.settings)
         self.window_factors = nn.Parameter(torch.zeros(H))  # logits θ: γ = sigmoid(θ)
@@ -307,8 +340,11 @@ class LolcatsAttention(nn.Module):
         s, G = self.settings, self.num_key_value_groups
         B, T, _ = hidden_states.shape
         shape = (B, T, -1, self.head_dim)
-        q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
-        k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+        q = self.q_proj(hidden_states).view(shape)
+        k = self.k_proj(hidden_states).view(shape)
+        if hasattr(self, "q_norm"):  # qwen3: per-head RMSNorm before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
         cos, sin = position_embeddings
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
@@ -391,9 +427,12 @@ class LolcatsLlamaPreTrainedModel(LlamaPreTrainedModel):
 
 
 def _linearize_layers(model: LlamaModel, config: LolcatsLlamaConfig) -> None:
+    family = base_family(config)
     for i, kind in enumerate(config.layer_kinds()):
         if kind == "lolcats":
             model.layers[i].self_attn = LolcatsAttention(config, i)
+        elif family in ("qwen2", "qwen3"):
+            model.layers[i].self_attn = softmax_attention(config, i)
 
 
 class LolcatsLlamaModel(LolcatsLlamaPreTrainedModel, LlamaModel):
@@ -411,4 +450,4 @@ class LolcatsLlamaForCausalLM(LolcatsLlamaPreTrainedModel, LlamaForCausalLM):
 
 
 __all__ = ["LolcatsLlamaForCausalLM", "LolcatsLlamaModel", "LolcatsLlamaPreTrainedModel", "LolcatsAttention",
-           "LolcatsCacheLayer", "LolcatsFeatureMap", "LolcatsSettings", "key_sets", "lolcats_attend"]
+           "LolcatsCacheLayer", "LolcatsFeatureMap", "LolcatsSettings", "base_family", "key_sets", "lolcats_attend"]

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from convert.errors import ConversionError
-from convert.keymap import LAYER_TABLE, ParamMap, expected_hf_shapes
+from convert.keymap import ParamMap, expected_hf_shapes, layer_table
 from convert.safetensors_io import FLOAT_DTYPES, SafetensorsDir
 from lolcats_jax import sharding as shd
 from lolcats_jax.blockwise.layout import Block
@@ -115,7 +115,7 @@ def load_block_model(cfg: Config, llama_cfg: LlamaConfig, block: Block, mesh: ja
 
     values: dict[tuple, jax.Array] = {}
     shapes = base_shapes(llama_cfg)
-    for name, (template, layout) in LAYER_TABLE.items():
+    for name, (template, layout) in layer_table(llama_cfg).items():
         names = [template.format(i=i) for i in range(block.start, block.stop)]
         _check_tensors(files, llama_cfg, names)
         pm = ParamMap(("layers", name), tuple(names), layout, tuple(shapes[name]), stacked=True)

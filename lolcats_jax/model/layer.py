@@ -63,6 +63,11 @@ def qkv(ctx: LayerContext, p: dict, x_BTE: jax.Array) -> tuple[jax.Array, jax.Ar
     q = _proj(ctx, p, "wq", "q", h, "bte", "hd")
     k = _proj(ctx, p, "wk", "k", h, "bte", "kd")
     v = _proj(ctx, p, "wv", "v", h, "bte", "kd")
+    if ctx.cfg.qkv_bias:  # Qwen2
+        q, k, v = (x + _w(p, b, x.dtype) for x, b in ((q, "bq"), (k, "bk"), (v, "bv")))
+    if ctx.cfg.qk_norm:  # Qwen3: per-head RMSNorm over head_dim, before RoPE
+        q = rms_norm(q, p["q_norm"], ctx.cfg.rms_norm_eps)
+        k = rms_norm(k, p["k_norm"], ctx.cfg.rms_norm_eps)
     q = constrain(apply_rope_ctx(ctx, q), ("batch", "seq", "act_heads", None))
     k = constrain(apply_rope_ctx(ctx, k), ("batch", "seq", "act_kv_heads", None))
     v = constrain(v, ("batch", "seq", "act_kv_heads", None))

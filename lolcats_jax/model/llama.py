@@ -10,6 +10,8 @@ Parameter layout (one layout for the whole project; `convert/` maps HF tensors o
     layers.wq           (L, E, H, D)  ("layers", "embed", "q_heads", "head_dim")
     layers.wk / wv      (L, E, K, D)  ("layers", "embed", "kv_heads", "head_dim")
     layers.wo           (L, H, D, E)  ("layers", "q_heads", "head_dim", "embed")
+    layers.bq / bk / bv (L, H|K, D)   ("layers", "q_heads"|"kv_heads", "head_dim")   cfg.qkv_bias only (Qwen2)
+    layers.q_norm/k_norm (L, D)       ("layers", "head_dim")                          cfg.qk_norm only (Qwen3)
     layers.mlp_norm     (L, E)
     layers.w_gate/w_up  (L, E, M)     ("layers", "embed", "mlp")
     layers.w_down       (L, M, E)     ("layers", "mlp", "embed")
@@ -58,6 +60,11 @@ BASE_AXES: dict[str, tuple[str, ...]] = {
     "wk": ("embed", "kv_heads", "head_dim"),
     "wv": ("embed", "kv_heads", "head_dim"),
     "wo": ("q_heads", "head_dim", "embed"),
+    "bq": ("q_heads", "head_dim"),
+    "bk": ("kv_heads", "head_dim"),
+    "bv": ("kv_heads", "head_dim"),
+    "q_norm": ("head_dim",),
+    "k_norm": ("head_dim",),
     "mlp_norm": ("norm",),
     "w_gate": ("embed", "mlp"),
     "w_up": ("embed", "mlp"),
@@ -66,18 +73,15 @@ BASE_AXES: dict[str, tuple[str, ...]] = {
 
 
 def base_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Per-layer base parameters of `cfg` (HF order), without the leading layers axis."""
     E, H, K, D, M = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
-    return {
-        "attn_norm": (E,),
-        "wq": (E, H, D),
-        "wk": (E, K, D),
-        "wv": (E, K, D),
-        "wo": (H, D, E),
-        "mlp_norm": (E,),
-        "w_gate": (E, M),
-        "w_up": (E, M),
-        "w_down": (M, E),
-    }
+    out = {"attn_norm": (E,), "wq": (E, H, D), "wk": (E, K, D), "wv": (E, K, D), "wo": (H, D, E)}
+    if cfg.qkv_bias:
+        out.update(bq=(H, D), bk=(K, D), bv=(K, D))
+    if cfg.qk_norm:
+        out.update(q_norm=(D,), k_norm=(D,))
+    out.update(mlp_norm=(E,), w_gate=(E, M), w_up=(E, M), w_down=(M, E))
+    return out
 
 
 def lora_shapes(cfg: LlamaConfig, rank: int) -> dict[str, tuple[tuple[int, ...], tuple[str, ...], tuple[int, ...], tuple[str, ...]]]:
@@ -137,6 +141,8 @@ class Llama(nnx.Module):
         for name, shape in base_shapes(cfg).items():
             if name.endswith("norm"):
                 value = jnp.ones((L, *shape), pdt)
+            elif name in ("bq", "bk", "bv"):
+                value = jnp.zeros((L, *shape), pdt)
             else:
                 value = normal(rngs.params(), (L, *shape), pdt)
             setattr(self.layers, name, nnx.Param(value, axes=("layers", *BASE_AXES[name])))
@@ -208,7 +214,7 @@ class Llama(nnx.Module):
         return constrain(logits, ("batch", "seq", "act_vocab"))
 
     def _segment_params(self, seg: Segment) -> dict[str, Any]:
-        p: dict[str, Any] = {name: getattr(self.layers, name)[...][seg.start : seg.stop] for name in BASE_AXES}
+        p: dict[str, Any] = {name: getattr(self.layers, name)[...][seg.start : seg.stop] for name in base_shapes(self.cfg)}
         if seg.kind == "lolcats":
             n = seg.stop - seg.start
             sl = slice(seg.lin_start, seg.lin_start + n)

@@ -1,8 +1,10 @@
 """Architecture of a Llama-family model, read from / written to a Hugging Face `config.json`.
 
-Supported: Llama 3 / 3.1 / 3.2 (incl. `rope_scaling` of type llama3) and Mistral (its sliding window is ignored:
+Supported: Llama 3 / 3.1 / 3.2 (incl. `rope_scaling` of type llama3), Mistral (its sliding window is ignored:
 every softmax layer attends causally to all keys, as transformers' eager path does for sequences shorter than the
-window). Anything else is refused with a message naming the field.
+window), Qwen2 / Qwen2.5 (biases on q, k, v) and Qwen3 (a per-head RMSNorm on q and k before RoPE). The families
+differ only in those attention options of the one model (`qkv_bias`, `qk_norm`). Anything else — sliding-window
+softmax layers, other rope types, biases elsewhere — is refused with a message naming the field.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ class UnsupportedModelError(ValueError):
     """The checkpoint's architecture is not one this project can convert."""
 
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,8 +52,12 @@ class LlamaConfig:
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
     model_type: str = "llama"
+    qkv_bias: bool = False  # Qwen2: q, k, v projections have biases (o has none)
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim of q and k (one scale per dim), before RoPE
 
     def __post_init__(self):
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"model_type={self.model_type!r} must be one of {SUPPORTED_MODEL_TYPES}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
 
@@ -60,6 +68,7 @@ class LlamaConfig:
     def num_params(self) -> int:
         e, h, k, d, m, v = self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim, self.intermediate_size, self.vocab_size
         per_layer = 2 * e + e * (h + 2 * k) * d + h * d * e + 3 * e * m
+        per_layer += (h + 2 * k) * d * self.qkv_bias + 2 * d * self.qk_norm
         return v * e * (1 if self.tie_embeddings else 2) + self.num_layers * per_layer + e
 
     # ----------------------------------------------------------------------------------------- HF interop
@@ -70,15 +79,25 @@ class LlamaConfig:
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise UnsupportedModelError(
                 f"{source}: model_type={model_type!r} is not supported; expected one of {SUPPORTED_MODEL_TYPES} "
-                "(Llama 3/3.1/3.2 or Mistral)"
+                "(Llama 3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3)"
             )
         archs = cfg.get("architectures") or []
         for arch in archs:
-            if arch not in ("LlamaForCausalLM", "MistralForCausalLM"):
-                raise UnsupportedModelError(f"{source}: architecture {arch!r} is not supported (LlamaForCausalLM/MistralForCausalLM)")
+            if arch != ARCHITECTURES[model_type]:
+                raise UnsupportedModelError(f"{source}: architecture {arch!r} is not supported for model_type="
+                                            f"{model_type!r} (expected {ARCHITECTURES[model_type]})")
         for flag in ("attention_bias", "mlp_bias"):
             if cfg.get(flag):
-                raise UnsupportedModelError(f"{source}: {flag}=true is not supported (Llama 3 / Mistral have no biases)")
+                raise UnsupportedModelError(f"{source}: {flag}=true is not supported ({model_type} checkpoints of the "
+                                            f"supported families have no such biases)")
+        if model_type in ("qwen2", "qwen3"):
+            if cfg.get("use_sliding_window"):
+                raise UnsupportedModelError(f"{source}: use_sliding_window=true is not supported (sliding-window "
+                                            "softmax layers); only full causal attention layers can be linearized")
+            kinds = set(cfg.get("layer_types") or ["full_attention"])
+            if kinds != {"full_attention"}:
+                raise UnsupportedModelError(f"{source}: layer_types={sorted(kinds)} is not supported (only "
+                                            "'full_attention' layers)")
         act = cfg.get("hidden_act", "silu")
         if act != "silu":
             raise UnsupportedModelError(f"{source}: hidden_act={act!r} is not supported (expected 'silu')")
@@ -125,6 +144,8 @@ class LlamaConfig:
             eos_token_id=eos,
             pad_token_id=cfg.get("pad_token_id"),
             model_type=model_type,
+            qkv_bias=model_type == "qwen2",
+            qk_norm=model_type == "qwen3",
         )
 
     @classmethod
@@ -140,9 +161,8 @@ class LlamaConfig:
         return cls.from_hf_dict(raw, source=cfg_path)
 
     def to_hf_dict(self) -> dict[str, Any]:
-        arch = "MistralForCausalLM" if self.model_type == "mistral" else "LlamaForCausalLM"
         out: dict[str, Any] = {
-            "architectures": [arch],
+            "architectures": [ARCHITECTURES[self.model_type]],
             "model_type": self.model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
@@ -160,6 +180,11 @@ class LlamaConfig:
             "mlp_bias": False,
             "attention_dropout": 0.0,
         }
+        if self.model_type in ("qwen2", "qwen3"):
+            out.update(use_sliding_window=False, sliding_window=None)
+            del out["mlp_bias"]
+            if self.model_type == "qwen2":
+                del out["attention_bias"]  # Qwen2 always has q/k/v biases; the field does not exist
         if self.rope_scaling is not None:
             out["rope_scaling"] = {"rope_type": "llama3", **dataclasses.asdict(self.rope_scaling)}
         for key in ("bos_token_id", "pad_token_id"):
