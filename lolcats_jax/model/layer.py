@@ -100,13 +100,26 @@ def fmap_params(p: dict):
 
 
 def lolcats_attention_fn(ctx: LayerContext, p: dict, q, k, v):
-    from kernels.lolcats import Backend, lolcats_attention
+    """LoLCATS attention of one layer; kernels that XLA cannot partition (Pallas, Triton) run per shard."""
+    import functools
+
+    from kernels.lolcats import Backend, resolve_backend
+    from lolcats_jax.model.kernel_shards import OPAQUE_BACKENDS, per_shard
 
     lo = ctx.opts.lolcats
     G = ctx.cfg.group_size
-    return lolcats_attention(
-        q, repeat_kv(k, G), repeat_kv(v, G), fmap_params(p), p["window_logit"], lo.spec(), backend=Backend(lo.backend)
-    )
+    spec, fmap = lo.spec(), fmap_params(p)
+    feature_dim = 0 if spec.form == "softmax" else fmap.wq.shape[-1]
+    backend = resolve_backend(Backend(lo.backend), spec, (q.shape, v.shape[:2] + q.shape[2:3] + v.shape[3:], feature_dim))
+    attend = functools.partial(_attend, spec=spec, backend=backend)
+    args = (q, repeat_kv(k, G), repeat_kv(v, G), fmap, p["window_logit"])
+    return per_shard(attend, *args) if backend in OPAQUE_BACKENDS else attend(*args)
+
+
+def _attend(q, k, v, fmap, theta_H, *, spec, backend):
+    from kernels.lolcats import lolcats_attention
+
+    return lolcats_attention(q, k, v, fmap, theta_H, spec, backend=backend)
 
 
 def make_body(ctx: LayerContext, kind: str, mode: str, **kw) -> Callable[[jax.Array, dict], tuple[jax.Array, Any]]:
