@@ -12,8 +12,30 @@ import jax.numpy as jnp
 NEG_INF = -1e30
 
 
-def causal_softmax_attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array) -> jax.Array:
-    """y_i = softmax_j≤i(q_i·k_j/√D) v_j over all earlier keys (T == S, positions 0..T-1)."""
+DENSE_MAX_T = 1024  # longer sequences never materialise a (T, T) score map (off GPU: query blocks, on GPU: cuDNN)
+QUERY_BLOCK = 512
+
+
+def causal_softmax_attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array,
+                             *, query_block: int | None = None) -> jax.Array:
+    """y_i = softmax_j≤i(q_i·k_j/√D) v_j over all earlier keys (T == S, positions 0..T-1); float32 softmax.
+
+    T ≤ DENSE_MAX_T: one (T, T) map per head. Longer: on GPU with bf16/f16 inputs `jax.nn.dot_product_attention`
+    (cuDNN flash attention, grouped heads, float32 accumulation); otherwise exact softmax over blocks of
+    `query_block` queries (each block against all keys, rematerialised in the backward pass), so memory grows as
+    block × T, not T × T."""
+    T = q_BTHD.shape[1]
+    if query_block is None:
+        if T <= DENSE_MAX_T:
+            return _dense_causal(q_BTHD, k_BSKD, v_BSKD)
+        if jax.default_backend() == "gpu" and q_BTHD.dtype in (jnp.bfloat16, jnp.float16):
+            return jax.nn.dot_product_attention(q_BTHD, k_BSKD.astype(q_BTHD.dtype), v_BSKD.astype(q_BTHD.dtype),
+                                                is_causal=True)
+        query_block = QUERY_BLOCK
+    return _query_blocked_causal(q_BTHD, k_BSKD, v_BSKD, int(query_block))
+
+
+def _dense_causal(q_BTHD, k_BSKD, v_BSKD):
     B, T, H, D = q_BTHD.shape
     K = k_BSKD.shape[2]
     G = H // K
@@ -24,6 +46,26 @@ def causal_softmax_attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.A
     probs = jax.nn.softmax(scores_BKGTS, axis=-1)
     y = jnp.einsum("bkgts,bskd->btkgd", probs, v_BSKD.astype(jnp.float32))
     return y.reshape(B, T, H, D).astype(q_BTHD.dtype)
+
+
+def _query_blocked_causal(q_BTHD, k_BSKD, v_BSKD, block: int):
+    """The dense formula one block of queries at a time (lax.map; each block rematerialised for its gradient)."""
+    B, T, H, D = q_BTHD.shape
+    n = -(-T // block)
+    pad = n * block - T
+    q = jnp.pad(q_BTHD, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(B, n, block, H, D)
+    key_pos_S = jnp.arange(k_BSKD.shape[1])
+    S = k_BSKD.shape[1]
+
+    @jax.checkpoint
+    def one(args):
+        q_BbHD, start = args
+        pos_b = start + jnp.arange(block)
+        valid = (key_pos_S[None, :] <= pos_b[:, None])[None]  # (1, b, S): causal over absolute positions
+        return cached_softmax_attention(q_BbHD, k_BSKD, v_BSKD, jnp.broadcast_to(valid, (B, block, S)))
+
+    y = jax.lax.map(one, (jnp.moveaxis(q, 1, 0), jnp.arange(n) * block))  # (n, B, block, H, D)
+    return jnp.moveaxis(y, 0, 1).reshape(B, n * block, H, D)[:, :T]
 
 
 def cached_softmax_attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, valid_BTS: jax.Array) -> jax.Array:

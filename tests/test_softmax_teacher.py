@@ -1,0 +1,93 @@
+"""The softmax teacher without (T, T) maps at long T: query-blocked exact softmax equals the dense teacher (values
+and gradients, grouped heads, padding) and a float64 numpy softmax; the compiled distill step at T = 4096 holds no
+(T, T) buffer."""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lolcats_jax.model import softmax_attention as sa
+
+
+def _inputs(B=2, T=700, H=6, K=2, D=16, seed=0):
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(rng.standard_normal((B, T, H, D)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((B, T, K, D)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((B, T, K, D)), jnp.float32)
+    return q, k, v
+
+
+def _numpy_teacher(q, k, v):
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    B, T, H, D = q.shape
+    G = H // k.shape[2]
+    k, v = np.repeat(k, G, axis=2), np.repeat(v, G, axis=2)
+    s = np.einsum("bihd,bjhd->bhij", q, k) / np.sqrt(D)
+    s = np.where(np.tril(np.ones((T, T), bool)), s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("bhij,bjhd->bihd", p, v)
+
+
+def test_query_blocks_equal_the_dense_teacher():
+    q, k, v = _inputs()
+    dense = sa._dense_causal(q, k, v)
+    blocked = sa.causal_softmax_attention(q, k, v, query_block=128)  # 700 = 5 blocks + padding
+    np.testing.assert_allclose(np.asarray(blocked), np.asarray(dense), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(blocked), _numpy_teacher(q, k, v), rtol=1e-4, atol=1e-5)
+
+    def loss(fn, q, k, v):
+        return jnp.sum(jnp.sin(fn(q, k, v)))
+
+    g_dense = jax.grad(functools.partial(loss, sa._dense_causal), argnums=(0, 1, 2))(q, k, v)
+    g_block = jax.grad(functools.partial(loss, functools.partial(sa.causal_softmax_attention, query_block=128)),
+                       argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(g_block, g_dense):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def test_long_sequences_take_the_blocked_path():
+    q, k, v = _inputs(B=1, T=sa.DENSE_MAX_T + 3, H=2, K=1, D=8)
+    text = jax.jit(sa.causal_softmax_attention).lower(q, k, v).as_text()
+    T = q.shape[1]
+    assert f"{T}x{T}" not in text and str(sa.QUERY_BLOCK) in text
+
+
+def test_compiled_distill_step_at_4096_has_no_TxT_buffer(smollm2_dir, tmp_path):
+    from flax import nnx
+
+    from convert.hf_to_flax import load_hf_params
+    from lolcats_jax import compat
+    from lolcats_jax.config import OptimizerConfig, load_config
+    from lolcats_jax.model import FeatureMapParam, LlamaConfig, WindowParam
+    from lolcats_jax.model.build import model_options
+    from lolcats_jax.sharding import MeshShape, make_mesh
+    from lolcats_jax.train.losses import distill_loss
+    from lolcats_jax.train.optim import make_optimizer
+    from lolcats_jax.train.step import build_steps, split_model
+    from tests.train_fixtures import write_tiny_model
+
+    T = 4096
+    model_dir = write_tiny_model(tmp_path / "model", smollm2_dir)
+    cfg = load_config("configs/smollm2_demo.yaml", [f"model.path={model_dir}", "model.param_dtype=float32",
+                                                    "attention.softmax_layers=[1]", "attention.backend=chunked"])
+    mesh = make_mesh(MeshShape(1, 1, 1), devices=jax.devices()[:1])
+    with compat.set_mesh(mesh):
+        lc = LlamaConfig.from_hf_dir(model_dir)
+        model = load_hf_params(model_dir, mesh, param_dtype="float32", opts=model_options(cfg, lc.num_layers))
+        split = split_model(model, nnx.Any(FeatureMapParam, WindowParam))
+        tx = make_optimizer(OptimizerConfig(lr=1e-2))
+        loss_fn = functools.partial(distill_loss, mse_factor=1000.0, xent_factor=0.0)
+        init_opt, train, _, _ = build_steps(split, tx, loss_fn, mesh)
+        tokens = jnp.zeros((1, 1, T), jnp.int32)
+        compiled = train.lower(split.trainable, init_opt(split.trainable), split.frozen,
+                               {"input_ids": tokens, "labels": tokens}, jnp.float32(1e-2), jax.random.PRNGKey(0)).compile()
+    hlo = compiled.as_text()
+    square = re.findall(r"\b[a-z0-9]+\[[0-9,]*\b%d,%d\b[0-9,]*\]" % (T, T), hlo)
+    assert not square, square[:5]
+    assert re.search(r"\[1,2,2,%d,%d\]" % (sa.QUERY_BLOCK, T), hlo)  # the teacher's (block, T) scores are there
