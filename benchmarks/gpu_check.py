@@ -89,9 +89,10 @@ def correctness(out_dir: str, max_seconds: float) -> bool:
     results, ok = [], True
     deadline = time.monotonic() + max_seconds
     triton_missing = _triton_available()
-    if triton_missing:
-        results.append({"case": "all", "backend": "triton", "pass": True, "seconds": 0.0,
-                         "error": f"not run (unavailable): {triton_missing}"})
+    if triton_missing:  # an unavailable backend is not a passed one: the stage reports itself incomplete
+        results.append({"case": "all", "backend": "triton", "pass": False, "not_run": True, "seconds": 0.0,
+                        "error": f"not run (unavailable): {triton_missing}"})
+        ok = False
     for name, kw, B, T, H, D, F, dtype, cfg in CASES:
         if time.monotonic() > deadline:  # counts as not passed: the check is incomplete
             results.append({"case": name, "backend": "all", "pass": False, "not_run": True, "seconds": 0.0,
@@ -130,8 +131,16 @@ def correctness(out_dir: str, max_seconds: float) -> bool:
             ok &= row["pass"]
             results.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "per_grad"}), flush=True)
-    with open(os.path.join(out_dir, "correctness.json"), "w") as f:
-        json.dump(results, f, indent=1)
+            _write_correctness(out_dir, results)  # cell by cell: a run cut short keeps what it measured
+    _write_correctness(out_dir, results)
+    return ok
+
+
+def _write_correctness(out_dir: str, results: list[dict]) -> None:
+    """correctness.json and correctness.md of the rows so far (each file written whole, then renamed)."""
+    from lolcats_jax.fsio import write_text_atomic
+
+    write_text_atomic(os.path.join(out_dir, "correctness.json"), json.dumps(results, indent=1))
     lines = ["# GPU correctness vs the float32 reference (relative RMS)", "",
              f"Tolerances (output, gradients, θ): {TOL}", "",
              "| case | backend | y | worst grad | θ grad | pass | s |", "|---|---|---:|---:|---:|---|---:|"]
@@ -142,9 +151,7 @@ def correctness(out_dir: str, max_seconds: float) -> bool:
         else:
             lines.append(f"| {r['case']} | {r['backend']} | {r['y']:.1e} | {r['grads']:.1e} | {r['theta']:.1e} | "
                          f"{'ok' if r['pass'] else 'FAIL'} | {r['seconds']:.1f} |")
-    with open(os.path.join(out_dir, "correctness.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    return ok
+    write_text_atomic(os.path.join(out_dir, "correctness.md"), "\n".join(lines) + "\n")
 
 
 TUNING = [PallasConfig(), PallasConfig(num_warps_fwd=8, num_warps_bwd=4), PallasConfig(block_v=128, num_warps_fwd=8),
@@ -228,7 +235,8 @@ BENCH_ROWS = ["tk pallas", "linear pallas", "softmax cudnn", "tk triton", "tk ch
 BENCH_LENGTHS = [8192, 1024, 65536, 4096, 16384, 2048, 32768]  # the 8K targets first, then the extremes
 
 
-def _bench(out_dir: str, seconds: float) -> None:
+def _bench(out_dir: str, seconds: float) -> bool:
+    """The attention benchmark; False (the stage is reported failed) if any cell failed to run."""
     d = bench.DEFAULTS["gpu"]
     device, shapes, lengths = "gpu", d["shapes"], BENCH_LENGTHS
     if SMOKE:
@@ -237,6 +245,11 @@ def _bench(out_dir: str, seconds: float) -> None:
                        first=("tk pallas", "linear pallas", "cudnn", "triton"))
     bench.write(result, os.path.join(out_dir, "attention_gpu"))
     print(bench.to_markdown(result), flush=True)
+    failed = [f"{r.get('impl')} {r.get('mode')} T={r.get('T')}" for r in result["rows"]
+              if str(r.get("skip", "")).startswith("failed")]
+    for name in failed:
+        print(f"== bench cell FAILED: {name}", file=sys.stderr, flush=True)
+    return not failed
 
 
 if __name__ == "__main__":
