@@ -22,6 +22,7 @@ from kernels.lolcats.recurrent import (
     init_decode_state,
     prefill_state,
     ring_len,
+    select_rows,
 )
 from kernels.lolcats.reference import attention_weights_reference, lolcats_attention_reference
 from kernels.lolcats.spec import (
@@ -39,7 +40,7 @@ __all__ = [
     "key_sets", "key_set_masks", "compute_dtype", "feature_map", "query_key_features", "window_factors",
     "init_feature_maps", "init_window_logit",
     "lolcats_attention", "lolcats_attention_reference", "lolcats_attention_chunked", "attention_weights_reference",
-    "DecodeState", "prefill_state", "decode_step", "decode_tokens", "init_decode_state", "ring_len",
+    "DecodeState", "prefill_state", "decode_step", "decode_tokens", "init_decode_state", "ring_len", "select_rows",
     "attention_xent", "attention_xent_reference",
     "register_backend", "registered_backends", "resolve_backend", "check_inputs",
 ]

@@ -26,7 +26,8 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from kernels.lolcats.feature_maps import feature_map, window_factors
-from kernels.lolcats.recurrent import DecodeState, _decode_spec, _slot_positions, decode_step, keeps_call_state, ring_len
+from kernels.lolcats.recurrent import (DecodeState, _decode_spec, _slot_positions, decode_step, keeps_call_state, ring_len,
+                                      select_rows)
 from kernels.lolcats.spec import LINEAR_DENOM_EPS, FeatureMapParams, LolcatsSpec, key_sets
 
 
@@ -52,18 +53,12 @@ def extend_state(
         # the original takes a one-token call on a cache as a decode step
         y1, one = decode_step(state, q[:, 0], k[:, 0], v[:, 0], fmap, theta_H, spec)
         y = y.at[:, 0].set(jnp.where((n_B == 1)[:, None, None], y1.astype(y.dtype), y[:, 0]))
-        new = _select_rows(n_B == 1, one, new)
+        new = select_rows(n_B == 1, one, new)
     elif spec.form == "linear":
         y, new = _extend_linear(state, v, fq_BNHF, fk_BNHF, n_B, real_BN)
     else:
         y, new = _extend_exact(state, q, k, v, fq_BNHF, fk_BNHF, theta_H, spec, n_B, real_BN)
-    return y.astype(q.dtype), _select_rows(n_B > 0, new, state)
-
-
-def _select_rows(take_B, a: DecodeState, b: DecodeState) -> DecodeState:
-    """Row-wise a where take_B else b."""
-    pick = lambda x, y: None if x is None else jnp.where(take_B.reshape((-1,) + (1,) * (x.ndim - 1)), x, y)  # noqa: E731
-    return type(a)(*(pick(x, y) for x, y in zip(a, b)))
+    return y.astype(q.dtype), select_rows(n_B > 0, new, state)
 
 
 def _sum_kv(w_BN, fk_BNHF, v_BNHD):

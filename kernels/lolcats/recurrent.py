@@ -56,6 +56,12 @@ class DecodeState(NamedTuple):
     start_B: Array | None = None
 
 
+def select_rows(take_B, a: DecodeState, b: DecodeState) -> DecodeState:
+    """Row-wise `a` where take_B (B,) is True, else `b` (for rows that consume nothing in a batched call)."""
+    pick = lambda x, y: None if x is None else jnp.where(take_B.reshape((-1,) + (1,) * (x.ndim - 1)), x, y)  # noqa: E731
+    return type(a)(*(pick(x, y) for x, y in zip(a, b)))
+
+
 def keeps_call_state(spec: LolcatsSpec) -> bool:
     """True when the state follows the original's cache (spec.compat, hybrid form): see the module docstring."""
     return spec.compat and spec.form == "hybrid"

@@ -142,6 +142,7 @@ def decode_step(model: Llama, cache: Cache, tokens_B: jax.Array,
     """Consumes one token per row; returns logits (B, V) for the next token and the updated cache. Rows with
     active_B False (default: all active) consume nothing: their cache is returned unchanged."""
     from kernels.lolcats import decode_step as lolcats_decode
+    from kernels.lolcats import select_rows
 
     pos, G = cache.pos, model.cfg.group_size
     ctx = model._ctx(pos[:, None])
@@ -162,7 +163,7 @@ def decode_step(model: Llama, cache: Cache, tokens_B: jax.Array,
         kr, vr = repeat_kv(k, G), repeat_kv(v, G)
         y_t, c_new = lolcats_decode(c, q[:, 0], kr[:, 0], vr[:, 0], L.fmap_params(p), p["window_logit"], spec)
         if active_B is not None:
-            c_new = jax.tree.map(lambda a, b: jnp.where(active_B.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), c_new, c)
+            c_new = select_rows(active_B, c_new, c)
         return y_t[:, None], c_new
 
     x, segments = _through_layers(model, cache, model.embed_tokens(tokens_B[:, None]), ctx, attend_softmax,
