@@ -134,11 +134,12 @@ class FinetuneConfig:
 @dataclasses.dataclass(frozen=True)
 class BlockConfig:
     size: int = 5  # layers per block (k)
-    index: str = "all"  # a block index, or "all"
+    index: str = "all"  # "all", a block index, a range "0-6" or a comma list "0-3,7"
     store: str | None = None  # where collected block inputs live (default: <run.dir>/block_inputs)
     max_train_samples: int | None = None
     max_val_samples: int | None = None
     ignore_disk_check: bool = False
+    collect_batch_size: int | None = None  # sequences per collect batch (default: one per data × fsdp device)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,6 +6,11 @@ The samples are the distill data's packed chunks in a fixed order (train, then v
 `block.max_train_samples` / `block.max_val_samples`. Each process owns a contiguous range of every split and
 writes only its own samples; all processes step through the (same number of) global batches together, a process
 whose range is exhausted feeding padding that nobody writes.
+
+The collect has its own batch size (`block.collect_batch_size`, default: one sequence per data × fsdp device — the
+training batch size of a block job is 1, which would leave all but one device idle). A batch is split over the
+batch mesh axes like a training batch, every block input comes back with the same split, and each process reads
+only the rows its own devices hold: nothing is gathered to every device.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from lolcats_jax.config import to_dict
 from lolcats_jax.errors import UserError
 from lolcats_jax.model.llama import Llama
 from lolcats_jax.train.stages import RunContext, load_base
+from lolcats_jax.train.step import BATCH_AXES, batch_axes, batch_sharding
 
 
 def _log(ctx: RunContext, msg: str) -> None:
@@ -62,9 +68,10 @@ def store_fingerprint(ctx: RunContext, samples: dict[str, np.ndarray]) -> dict[s
     }
 
 
-def make_collect_fn(model: Llama, starts: list[int], mesh: jax.sharding.Mesh) -> tuple[Callable, Any]:
+def make_collect_fn(model: Llama, starts: list[int], mesh: jax.sharding.Mesh, batch_size: int) -> tuple[Callable, Any]:
     """(fn, state): fn(state, tokens_BT) → tuple of S bf16 arrays (B, T, E), the raw residual stream entering
-    each block start, replicated on the mesh. The last block itself is not run (its output is not needed)."""
+    each block start, split over the mesh's batch axes as the (B, T) tokens are (`collect_batch_sharding`). The last
+    block itself is not run (its output is not needed)."""
     graphdef, state = nnx.split(model)
     L = model.cfg.num_layers
     bounds = list(starts) + [L]
@@ -81,8 +88,33 @@ def make_collect_fn(model: Llama, starts: list[int], mesh: jax.sharding.Mesh) ->
                 x_BTE, _ = m.run_layers(x_BTE, positions_BT, layers=(a, b))
         return tuple(outs)
 
-    replicated = NamedSharding(mesh, P())
-    return jax.jit(fn, out_shardings=tuple(replicated for _ in starts)), state
+    rows = batch_axes(mesh, batch_size) or None
+    out = NamedSharding(mesh, P(rows, None, None))
+    return jax.jit(fn, in_shardings=(None, collect_batch_sharding(mesh, batch_size)), out_shardings=tuple(out for _ in starts)), state
+
+
+def collect_batch_sharding(mesh: jax.sharding.Mesh, batch_size: int) -> NamedSharding:
+    return batch_sharding(mesh, False, batch_size)
+
+
+def collect_batch_size(ctx: RunContext) -> int:
+    """`block.collect_batch_size`, default one sequence per device of the batch axes (data × fsdp); a multiple of the
+    process count."""
+    B = ctx.cfg.block.collect_batch_size or math.prod(ctx.mesh.shape[a] for a in BATCH_AXES)
+    if B <= 0 or B % ctx.process_count:
+        raise UserError(f"block.collect_batch_size={B} must be a positive multiple of the {ctx.process_count} processes")
+    batch_axes(ctx.mesh, B)  # refuses a batch the processes cannot split
+    return B
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+    """This process's rows of a global array split along its first axis (in global row order — the order in which
+    `make_array_from_process_local_data` placed them); a replicated array gives all its rows."""
+    shards: dict[int, Any] = {}
+    for sh in x.addressable_shards:
+        start = sh.index[0].start or 0
+        shards.setdefault(start, sh)
+    return np.concatenate([np.asarray(shards[k].data) for k in sorted(shards)], axis=0)
 
 
 def _ranges(n: int, count: int) -> list[tuple[int, int]]:
@@ -156,11 +188,10 @@ def run_collect(ctx: RunContext) -> dict:
             store.refresh_meta()
         return dict(summary, written_samples=0, tokens_per_s=None)
 
-    if cfg.distill.batch_size % ctx.process_count:
-        raise UserError(f"distill.batch_size={cfg.distill.batch_size} must be a multiple of the {ctx.process_count} processes")
-    b = cfg.distill.batch_size // ctx.process_count
+    B = collect_batch_size(ctx)
+    b = B // ctx.process_count
     model = load_base(ctx, linearize=False)
-    fn, state = make_collect_fn(model, starts, ctx.mesh)
+    fn, state = make_collect_fn(model, starts, ctx.mesh, B)
     t0 = time.perf_counter()
     written, timer = 0, {"compile_s": 0.0}
     for split in SPLITS:
@@ -186,22 +217,19 @@ def _collect_split(ctx: RunContext, store: BlockInputStore, fn, state, split: st
     if steps == 0:
         return 0
     _log(ctx, f"{split}: {n} samples, resuming at {first.tolist()} (per process), {steps} batches of {b}×{ctx.process_count}")
-    replicated = NamedSharding(ctx.mesh, P())
+    sharding = collect_batch_sharding(ctx.mesh, b * ctx.process_count)
     me = ctx.process_index
 
-    def batch_tokens(step: int) -> np.ndarray:
-        idx = []
-        for p, (_, p_hi) in enumerate(ranges):
-            ids = first[p] + step * b + np.arange(b)
-            idx.append(np.minimum(ids, max(p_hi - 1, 0)))  # padding rows repeat the range's last sample
-        rows = tokens_nT[np.concatenate(idx)]
-        return jax.make_array_from_callback(rows.shape, replicated, lambda index: rows[index])
+    def batch_tokens(step: int) -> jax.Array:
+        ids = first[me] + step * b + np.arange(b)
+        rows = tokens_nT[np.minimum(ids, max(hi - 1, 0))]  # padding rows repeat the range's last sample
+        return jax.make_array_from_process_local_data(sharding, rows)
 
     def flush(step: int, outs) -> int:
         s0 = int(first[me]) + step * b
         valid = max(0, min(b, hi - s0))
         if valid:
-            rows = {start: np.asarray(o.addressable_data(0))[me * b : me * b + valid] for start, o in zip(store.layout.starts, outs)}
+            rows = {start: local_rows(o)[:valid] for start, o in zip(store.layout.starts, outs)}
             store.write(split, s0, rows)
             store.mark(split, lo, hi, s0 + valid)
         if ctx.is_main:

@@ -54,16 +54,27 @@ def block_starts(num_layers: int, size: int) -> list[int]:
 
 
 def selected_blocks(blocks: list[Block], index: str) -> list[Block]:
-    """The blocks `block.index` names: "all", or one index."""
+    """The blocks `block.index` names: "all", one index ("3"), an inclusive range ("0-6") or a comma list of
+    those ("0-3,7") — a job of a SLURM array may train several blocks one after the other."""
+    n = len(blocks)
     if index.strip().lower() == "all":
         return list(blocks)
-    try:
-        i = int(index)
-    except ValueError:
-        raise UserError(f"block.index={index!r} must be 'all' or a block number 0..{len(blocks) - 1}") from None
-    if not 0 <= i < len(blocks):
-        raise UserError(f"block.index={i} is out of range: the model has {len(blocks)} blocks (0..{len(blocks) - 1})")
-    return [blocks[i]]
+    chosen: list[int] = []
+    for part in filter(None, (p.strip() for p in index.split(","))):
+        lo_text, dash, hi_text = part.partition("-")
+        try:
+            lo, hi = int(lo_text), int(hi_text) if dash else int(lo_text)
+        except ValueError:
+            raise UserError(f"block.index={index!r} must be 'all', a block number 0..{n - 1}, a range like 0-{n - 1} or a comma list of those") from None
+        for i in (lo, hi):
+            if not 0 <= i < n:
+                raise UserError(f"block.index={i} is out of range: the model has {n} blocks (0..{n - 1})")
+        if hi < lo:
+            raise UserError(f"block.index={part!r}: an empty range (write it low-high)")
+        chosen.extend(i for i in range(lo, hi + 1) if i not in chosen)
+    if not chosen:
+        raise UserError(f"block.index={index!r} names no block")
+    return [blocks[i] for i in chosen]
 
 
 def store_dir(run_dir: Path, store: str | None) -> Path:

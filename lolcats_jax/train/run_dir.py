@@ -20,7 +20,7 @@ FREE_KEYS = (
     "model.path", "model.checkpoint", "model.architecture", "model.remat",
     "attention.backend", "mesh", "evaluate", "generate",
     "*.log_every", "*.checkpoint_every", "*.data.train", "*.data.validation", "*.data.tokenizer",
-    "block.index", "block.store", "block.ignore_disk_check",
+    "block.index", "block.store", "block.ignore_disk_check", "block.collect_batch_size",
 )
 # key prefix → the stages whose results depend on it (anything not listed here or in FREE_KEYS: every stage)
 DEPENDS = {
