@@ -10,7 +10,7 @@ the `model_state_dict` wrapper are accepted). Linearized layers are the ones wit
 stays softmax. The feature dim F and LoRA rank r come from the tensor shapes; LoRA α is not stored in the original
 files: `--lora-alpha`, default 2·r (the released checkpoints: α=16 for r=8, α=8 for r=4).
 
-The result is a lolcats_jax run directory that `lolcats_jax.run_model.load_run_model` (and so generation,
+The result is a lolcats_jax run directory that `lolcats_jax.inference.run_model.load_run_model` (and so generation,
 evaluation and `convert.to_hf`) loads: `config.yaml` (base model = HF_DIR, attention.compat = true by default: the
 original end-aligned terraced masks and sliding-window decoding, reference §3.4/§3.8), `distill/final` (feature maps
 and window logits) and, with LoRA, `finetune/final`, each with a `done.json`.

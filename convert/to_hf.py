@@ -217,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from lolcats_jax.config import load_config
     from lolcats_jax.errors import CheckpointError
-    from lolcats_jax.run_model import load_run_model
+    from lolcats_jax.inference.run_model import load_run_model
 
     try:
         model, _ = load_run_model(args.run)

@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     from lolcats_jax.eval.runner import evaluate_tasks, markdown_table
     from lolcats_jax.eval.scoring import Scorer
     from lolcats_jax.eval.tasks import load_task, load_task_file
-    from lolcats_jax.loading import cli_mesh, load_for_generation, mesh_scope
+    from lolcats_jax.inference.loading import cli_mesh, load_for_generation, mesh_scope
 
     # load (and validate) all data before the model, so a bad file fails fast
     tasks = [load_task(n, args.limit, mmlu_subjects=args.mmlu_subjects) for n in args.task_names] + [load_task_file(f, args.limit) for f in args.task_file]

@@ -38,7 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     setup_logging()
-    from lolcats_jax.loading import cli_mesh, mesh_scope
+    from lolcats_jax.inference.loading import cli_mesh, mesh_scope
 
     mesh = cli_mesh(args.mesh)
     with mesh_scope(mesh):
@@ -46,8 +46,8 @@ def main(argv=None) -> int:
 
 
 def _generate(args: argparse.Namespace, mesh) -> int:
-    from lolcats_jax.generation import Generator, SamplingConfig
-    from lolcats_jax.loading import load_for_generation
+    from lolcats_jax.inference.generation import Generator, SamplingConfig
+    from lolcats_jax.inference.loading import load_for_generation
     from lolcats_jax.tokenizer import encode_prompt, eos_ids
 
     t0 = time.perf_counter()

@@ -6,6 +6,10 @@ The model and optimizer state are built abstractly (`nnx.eval_shape`, `jax.eval_
 per-device shard follows the logical-axis rules on an abstract mesh of the configured size. Activations are an
 analytic estimate of the stage's train step with per-layer rematerialisation (the layer inputs kept for the
 backward pass, plus the peak of one recomputed layer, plus the logits for next-token losses).
+
+Beside it the command prints the compiled figure (`lolcats_jax.compiled_memory`): the stage's real train step
+lowered and compiled for the config's mesh on fake CPU devices, and XLA's memory analysis of it. That is the
+figure a run must fit (the analytic one explains it); `--analytic-only` skips the compilation.
 """
 
 from __future__ import annotations
@@ -115,7 +119,9 @@ def activation_bytes(cfg: Config, lc: LlamaConfig, mesh, stage: str, global_batc
     return saved_inputs + layer_peak + logits
 
 
-def plan(cfg: Config, devices: int | None = None, memory_gb: float | None = None) -> dict:
+def plan(cfg: Config, devices: int | None = None, memory_gb: float | None = None, compiled: bool = False) -> dict:
+    """The per-device plan; with `compiled`, each stage also carries XLA's figure (`compiled`, needs `devices`
+    JAX devices — fake CPU devices are fine)."""
     lc = llama_config_for(cfg)
     n = devices or cfg.mesh.devices or jax.device_count()
     shape = MeshShape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor).resolve(n)
@@ -124,7 +130,12 @@ def plan(cfg: Config, devices: int | None = None, memory_gb: float | None = None
     limit = (memory_gb or cfg.mesh.device_memory_gb) * GB
     out = {"model": cfg.model.path, "params": lc.num_params(), "devices": n, "mesh": dict(zip(MESH_AXES, shape)),
            "device_memory_bytes": limit, "stages": [stage_plan(cfg, lc, mesh, s) for s in stages]}
-    out["fits"] = all(s["total_bytes"] <= limit for s in out["stages"])
+    if compiled:
+        from lolcats_jax.compiled_memory import stage_step_memory
+
+        for s in out["stages"]:
+            s["compiled"] = stage_step_memory(cfg, lc, s["stage"], n)
+    out["fits"] = all(_must_fit(s) <= limit for s in out["stages"])
     try:
         from lolcats_jax.blockwise.plan import blockwise_plan
 
@@ -135,17 +146,32 @@ def plan(cfg: Config, devices: int | None = None, memory_gb: float | None = None
     return out
 
 
+def _must_fit(stage: dict) -> int:
+    """The figure a stage must fit: XLA's compiled peak when it was measured, else the analytic total."""
+    return stage["compiled"]["peak_bytes"] if "compiled" in stage else stage["total_bytes"]
+
+
 def format_plan(p: dict) -> str:
     lines = [f"model {p['model']}: {p['params'] / 1e9:.2f}B parameters on {p['devices']} devices, mesh {p['mesh']}",
-             "", "| stage | frozen | trainable | optimizer | grads | activations | total / device | fits |", "|---|---|---|---|---|---|---|---|"]
+             "", "| stage | frozen | trainable | optimizer | grads | activations | analytic total / device | compiled (XLA) / device | fits |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for s in p["stages"]:
-        fits = "yes" if s["total_bytes"] <= p["device_memory_bytes"] else "NO"
+        fits = "yes" if _must_fit(s) <= p["device_memory_bytes"] else "NO"
+        comp = f"{s['compiled']['peak_bytes'] / GB:.2f} GiB" if "compiled" in s else "not compiled"
         lines.append(
             f"| {s['stage']} | {s['frozen_bytes'] / GB:.2f} GiB | {s['trainable_bytes'] / GB:.3f} GiB ({s['params_trainable'] / 1e6:.1f}M) | "
             f"{s['optimizer_bytes'] / GB:.3f} GiB | {s['grad_bytes'] / GB:.3f} GiB | {s['activation_bytes'] / GB:.2f} GiB | "
-            f"{s['total_bytes'] / GB:.2f} GiB | {fits} |"
+            f"{s['total_bytes'] / GB:.2f} GiB | {comp} | {fits} |"
         )
     lines.append(f"\nper-device budget: {p['device_memory_bytes'] / GB:.0f} GiB")
+    if any("compiled" in s for s in p["stages"]):
+        from lolcats_jax.compiled_memory import describe
+
+        lines.append("must fit: the compiled figure (XLA's buffer assignment of the real train step for this mesh, compiled "
+                     "for fake CPU devices; the analytic columns explain where it goes)")
+        for s in p["stages"]:
+            if "compiled" in s:
+                lines.append(f"  {s['stage']}: {describe(s['compiled'])}")
     if "blockwise" in p:
         lines.append(f"block-wise: {p['blockwise']}")
     return "\n".join(lines)
@@ -156,10 +182,16 @@ def main(argv=None) -> int:
     ap.add_argument("--config", required=True)
     ap.add_argument("--devices", type=int, default=None, help="device count (default: mesh.devices of the config)")
     ap.add_argument("--memory-gb", type=float, default=None)
+    ap.add_argument("--analytic-only", action="store_true", help="skip compiling the train steps (XLA's figure)")
     ap.add_argument("overrides", nargs="*")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides)
-    p = plan(cfg, args.devices, args.memory_gb)
+    devices = args.devices or cfg.mesh.devices or 1
+    if not args.analytic_only:
+        from lolcats_jax.compiled_memory import fake_devices
+
+        fake_devices(devices)
+    p = plan(cfg, devices, args.memory_gb, compiled=not args.analytic_only)
     print(format_plan(p))
     return 0 if p["fits"] else 1
 

@@ -111,7 +111,7 @@ def test_logits_match_transformers(hf_dirs, name):
 @pytest.mark.parametrize("name", ["qwen2_fp32_tied", "qwen3_fp32"])
 def test_greedy_generation_matches_transformers(hf_dirs, name):
     """The converted Qwen2 / Qwen3 generate (cached prefill + decode) the tokens transformers' own classes do."""
-    from lolcats_jax.generation import Generator
+    from lolcats_jax.inference.generation import Generator
 
     d = hf_dirs[name]
     model = hf_to_flax.load_hf_params(d, param_dtype="float32")

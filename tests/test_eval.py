@@ -364,7 +364,7 @@ N_DOCS = 20  # first documents of PIQA and ARC-Easy scored by both implementatio
 def smollm2(smollm2_dir):
     import transformers
 
-    from lolcats_jax.loading import load_hf_model
+    from lolcats_jax.inference.loading import load_hf_model
 
     tm = transformers.AutoModelForCausalLM.from_pretrained(
         str(smollm2_dir), dtype=torch.float32, attn_implementation="eager", local_files_only=True).eval()
@@ -428,10 +428,10 @@ def adapter(tiny_lm):
 
 
 def test_evaluate_cli_end_to_end(tiny_lm, tmp_path, monkeypatch, capsys):
-    import lolcats_jax.loading
+    import lolcats_jax.inference.loading
     from lolcats_jax.evaluate import main
 
-    monkeypatch.setattr(lolcats_jax.loading, "load_for_generation", lambda path, dtype, mesh=None: tiny_lm)
+    monkeypatch.setattr(lolcats_jax.inference.loading, "load_for_generation", lambda path, dtype, mesh=None: tiny_lm)
     recs = [{"context": "Q: sky?\nA:", "choices": [" blue", " green"], "gold": 0},
             {"context": "Q: grass?\nA:", "choices": [" blue", " green"], "gold": 1}]
     (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
@@ -478,7 +478,7 @@ def test_lm_eval_rolling_and_generation(adapter):
     from lm_eval.api.instance import Instance
 
     from lolcats_jax.eval.lm_eval_adapter import LolcatsJaxLM
-    from lolcats_jax.generation import Generator
+    from lolcats_jax.inference.generation import Generator
     from lolcats_jax.tokenizer import eos_ids
 
     tok, model = adapter.tokenizer, adapter.model
@@ -508,3 +508,24 @@ def test_lm_eval_rolling_and_generation(adapter):
     assert len(adapter.generate_until(reqs)[1]) < len(raw_text[1])
     with pytest.raises(ValueError, match="greedy decoding only"):
         adapter.generate_until([Instance("generate_until", {}, ("x", {"do_sample": True}), 0)])
+
+
+def test_lm_eval_adapter_on_a_mesh(smollm2_dir, tmp_path):
+    """`model_args="pretrained=DIR,mesh=1x-1x1"`: the model is loaded sharded over every (fake) device with FSDP and
+    scores what the one-device adapter scores."""
+    from lm_eval.api.instance import Instance
+
+    from lolcats_jax.eval.lm_eval_adapter import LolcatsJaxLM
+    from tests.train_fixtures import write_tiny_model
+
+    hf_dir = write_tiny_model(tmp_path / "tiny", smollm2_dir)
+    one = LolcatsJaxLM(pretrained=str(hf_dir), batch_size=4)
+    many = LolcatsJaxLM(pretrained=str(hf_dir), batch_size=4, mesh="1x-1x1")
+    assert many.mesh.shape["fsdp"] == jax.device_count() == 8
+    wq = dict(nnx.to_flat_state(nnx.state(many.model)))[("layers", "wq")].get_value()  # (L, E, H, D): E over fsdp
+    assert len(wq.sharding.device_set) == 8 and not wq.sharding.is_fully_replicated
+    reqs = [Instance("loglikelihood", {}, (ctx, cont), i) for i, (ctx, cont) in
+            enumerate([("The sky is", " blue"), ("Cats are", " animals"), ("2 + 2 =", " 4")])]
+    np.testing.assert_allclose([lp for lp, _ in many.loglikelihood(reqs)], [lp for lp, _ in one.loglikelihood(reqs)], rtol=1e-5)
+    with pytest.raises(ValueError, match="DATAxFSDPxTENSOR"):
+        LolcatsJaxLM(pretrained=str(hf_dir), mesh="8")

@@ -240,7 +240,7 @@ def test_generate_with_cache_matches_jax_greedy(exported, variant):
     import kernels.lolcats as kl
 
     if hasattr(kl, "decode_step") and hasattr(kl, "prefill_state"):  # the JAX recurrent decoder, once it exists
-        from lolcats_jax.generation import Generator
+        from lolcats_jax.inference.generation import Generator
 
         assert Generator(model).generate([list(p) for p in prompts], steps) == seqs[:, 7:].tolist()
 
@@ -418,7 +418,7 @@ def imported(exported, tmp_path_factory):
 @pytest.fixture(scope="module")
 def loaded_run(imported):
     """(model, tokenizer) of the imported run directory, loaded once (building the model compiles its init)."""
-    from lolcats_jax.run_model import load_run_model
+    from lolcats_jax.inference.run_model import load_run_model
 
     return load_run_model(imported[3])
 
@@ -465,10 +465,10 @@ def test_import_lolcats_released_layout(imported, tmp_path, capsys):
 
 def test_run_directory_exports_to_hf(imported, loaded_run, tmp_path, monkeypatch):
     """`python -m convert.to_hf --run RUNDIR` (the imported run) → HF logits == the compat JAX source."""
-    import lolcats_jax.run_model
+    import lolcats_jax.inference.run_model
 
     compat_source, _, _, run = imported
-    monkeypatch.setattr(lolcats_jax.run_model, "load_run_model", lambda run_dir: loaded_run)  # loaded once above
+    monkeypatch.setattr(lolcats_jax.inference.run_model, "load_run_model", lambda run_dir: loaded_run)  # loaded once above
     assert to_hf.main(["--run", str(run), "--out", str(tmp_path / "hf")]) == 0
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["lolcats"]["compat"] is True
     assert (tmp_path / "hf" / "tokenizer.json").is_file()
@@ -639,7 +639,7 @@ def _hf_calls(hf, seq) -> np.ndarray:
 
 
 def _jax_calls(model, seq) -> np.ndarray:
-    from lolcats_jax.generation import Generator
+    from lolcats_jax.inference.generation import Generator
 
     gen = Generator(model)
     rows = seq.tolist()

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lolcats_jax.generation import Generator
+from lolcats_jax.inference.generation import Generator
 from lolcats_jax.model import decode
 from tests.test_export import jax_logits, make_model, rel_err, tokens
 

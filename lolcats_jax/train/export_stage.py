@@ -10,7 +10,7 @@ from lolcats_jax.train.stages import RunContext
 
 def run_export(ctx: RunContext) -> dict:
     from convert.to_hf import export_linearized
-    from lolcats_jax.run_model import load_run_model
+    from lolcats_jax.inference.run_model import load_run_model
 
     out = ctx.stage_dir("export") / "hf"
     if ctx.is_main:  # an earlier export whose stage did not finish (the writer refuses non-empty directories)

@@ -23,7 +23,7 @@ from lolcats_jax.train.stages import RunContext, clear_done, mark_done, run_dist
 def _stage_fns() -> dict[str, Callable[[RunContext], dict]]:
     from lolcats_jax.blockwise.stages import BLOCKWISE_STAGES
     from lolcats_jax.train.export_stage import run_export
-    from lolcats_jax.train.report import run_evaluate
+    from lolcats_jax.eval.stage import run_evaluate
 
     return {"distill": run_distill, "finetune": run_finetune, "evaluate": run_evaluate, "export": run_export,
             **BLOCKWISE_STAGES}

@@ -44,7 +44,7 @@ def load_for_generation(path: str | os.PathLike, *, dtype: str = "float32", mesh
     kind, p = resolve_model_dir(path)
     if kind == "hf":
         return load_hf_model(p, dtype=dtype, mesh=mesh), load_tokenizer(p)
-    from lolcats_jax.run_model import load_run_model  # the recipe's run directories (train issue)
+    from lolcats_jax.inference.run_model import load_run_model  # the recipe's run directories (train issue)
 
     return load_run_model(p, dtype=dtype, mesh=mesh)
 

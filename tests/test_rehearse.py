@@ -1,0 +1,103 @@
+"""Cluster rehearsals of the shipped big configs (`python -m lolcats_jax.rehearse`).
+
+* the shrink keeps what shapes the distributed program and shrinks only widths, vocabulary, sequence, steps, data;
+* the launch plan follows the configs' documented layouts (block jobs on one device each);
+* each shipped config runs as its processes × devices, with one process killed at a random moment and the job
+  resumed; its trained parameters equal a one-device run's, its export loads in transformers with the JAX logits,
+  and `generate` / `evaluate` run on it with the config's mesh.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lolcats_jax.config import load_config
+from lolcats_jax.rehearse import shrink
+from lolcats_jax.rehearse.rehearsal import default_layout, job_plan
+
+REPO = Path(__file__).resolve().parent.parent
+SHIPPED = ["llama3_1_8b", "llama3_1_70b", "llama3_1_70b_blockwise", "llama3_1_405b", "llama3_1_405b_blockwise"]
+
+
+def _shrunk(name, tmp_path):
+    path = REPO / "configs" / f"{name}.yaml"
+    shipped = load_config(path)
+    data = {k: str(tmp_path / k) for k in ("text", "alpaca", "heldout")}
+    over = shrink.shrink_overrides(shipped, model_dir=str(tmp_path / "model"), data=data, run_dir=str(tmp_path / "run"),
+                                   store_dir=str(tmp_path / "store"))
+    return shipped, load_config(path, over)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shrink_keeps_the_program_shape(name, tmp_path):
+    shipped, small = _shrunk(name, tmp_path)
+    assert small.mesh == shipped.mesh and small.run.stages == shipped.run.stages
+    assert (small.block.size, small.block.index) == (shipped.block.size, shipped.block.index)
+    assert small.finetune.lora == shipped.finetune.lora
+    for sec in ("distill", "finetune"):
+        a, b = getattr(shipped, sec), getattr(small, sec)
+        assert (b.batch_size, b.optim.grad_accum, b.epochs, b.data.format) == (a.batch_size, a.optim.grad_accum, a.epochs, a.data.format)
+        assert (b.optim.lr, b.optim.schedule, b.optim.weight_decay, b.optim.clip_norm) == (a.optim.lr, a.optim.schedule, a.optim.weight_decay, a.optim.clip_norm)
+        assert (b.mse_factor, getattr(b, "xent_factor", None)) == (a.mse_factor, getattr(a, "xent_factor", None)) if sec == "distill" else True
+        # how the intervals relate stays as shipped (e.g. "eval not a multiple of checkpoint"), steps past both
+        rel = lambda e, c: (e == c, e % c == 0, c % e == 0, e > c)
+        assert rel(b.eval_every, b.checkpoint_every) == rel(a.eval_every, a.checkpoint_every)
+        assert max(b.eval_every, b.checkpoint_every) <= 3
+        steps = b.max_steps if b.epochs is None else None
+        if steps is not None:
+            assert steps == min(a.max_steps, max(b.eval_every, b.checkpoint_every) + 1)
+        assert b.data.chunk_size == shrink.SEQ
+    att_a, att_b = shipped.attention, small.attention
+    for key in ("kind", "form", "window", "feature_map", "fullspace", "feature_init", "softmax_layers", "compat"):
+        assert getattr(att_a, key) == getattr(att_b, key), key
+    assert small.model.param_dtype == "float32" and small.evaluate.tasks == shipped.evaluate.tasks
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shrunk_architecture_keeps_layers_and_heads(name):
+    shipped = load_config(REPO / "configs" / f"{name}.yaml")
+    arch = json.loads((REPO / shipped.model.architecture).read_text())
+    tiny = shrink.shrink_architecture(arch)
+    for key in ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "rope_scaling", "rope_theta",
+                "tie_word_embeddings", "model_type"):
+        assert tiny[key] == arch[key], key
+    assert tiny["hidden_size"] % tiny["num_attention_heads"] == 0 and tiny["hidden_size"] < arch["hidden_size"]
+    assert tiny["num_attention_heads"] * tiny["head_dim"] <= 512 and tiny["vocab_size"] == shrink.VOCAB
+
+
+def test_launch_plan_follows_the_documented_layout(tmp_path):
+    _, small = _shrunk("llama3_1_405b_blockwise", tmp_path)
+    assert default_layout(small) == (4, 8)
+    waves = job_plan(small, 4, 8, block_workers=2, num_blocks=14)
+    assert [[j.name for j in w] for w in waves] == [["collect"], ["distill_block[0-6]", "distill_block[7-13]"],
+                                                     ["stitch+finetune+evaluate"], ["export"]]
+    assert waves[0][0].processes == 4 and waves[0][0].devices == 8
+    assert all((j.processes, j.devices) == (1, 1) and "mesh.tensor=1" in j.args for j in waves[1])
+    _, joint = _shrunk("llama3_1_70b", tmp_path)
+    assert [[j.name for j in w] for w in job_plan(joint, 2, 4, 2, 16)] == [["distill+finetune+evaluate+export"]]
+
+
+def _rehearse(name, layout, out):
+    cmd = [sys.executable, "-m", "lolcats_jax.rehearse", "--config", str(REPO / "configs" / f"{name}.yaml"),
+           "--layout", layout, "--out", str(out)]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=3000)
+    report_path = out / "report.json"
+    assert res.returncode == 0, res.stderr[-4000:] + (report_path.read_text() if report_path.is_file() else "")
+    return json.loads(report_path.read_text())
+
+
+@pytest.mark.parametrize("name,layout", [("llama3_1_8b", "1x8"), ("llama3_1_70b", "2x4")])
+def test_rehearsal(name, layout, tmp_path):
+    r = _rehearse(name, layout, tmp_path / "r")
+    assert r["passed"] and not r["failures"]
+    assert r["kill"]["target_was_running"] or r["kill"]["landed"]
+    assert r["kill"]["resumed"]
+    trained = {"distill", "finetune"} if "distill" in r["stages"] else {"stitch", "finetune"}
+    assert trained <= set(r["params"])
+    for p in r["params"].values():
+        assert p["max_rel"] <= 1e-4
+    assert r["export"]["max_rel"] <= 1e-4
+    assert all(v["exit_code"] == 0 for v in r["inference"].values())
