@@ -80,24 +80,27 @@ def test_launch_plan_follows_the_documented_layout(tmp_path):
     assert [[j.name for j in w] for w in job_plan(joint, 2, 4, 2, 16)] == [["distill+finetune+evaluate+export"]]
 
 
-def _rehearse(name, layout, out):
+def _rehearse(name, layout, seed, out):
     cmd = [sys.executable, "-m", "lolcats_jax.rehearse", "--config", str(REPO / "configs" / f"{name}.yaml"),
-           "--layout", layout, "--out", str(out)]
+           "--layout", layout, "--seed", str(seed), "--out", str(out)]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=3000)
     report_path = out / "report.json"
     assert res.returncode == 0, res.stderr[-4000:] + (report_path.read_text() if report_path.is_file() else "")
     return json.loads(report_path.read_text())
 
 
-@pytest.mark.parametrize("name,layout", [("llama3_1_8b", "1x8"), ("llama3_1_70b", "2x4")])
-def test_rehearsal(name, layout, tmp_path):
-    r = _rehearse(name, layout, tmp_path / "r")
+@pytest.mark.parametrize("name,layout,seed", [("llama3_1_8b", "1x8", 1), ("llama3_1_70b", "2x4", 2),
+                                              ("llama3_1_70b_blockwise", "2x4", 3)])
+def test_rehearsal(name, layout, seed, tmp_path):
+    """The shipped config as its cluster runs it (a 405B layout, 4 processes × 8 devices, takes ~20 minutes on 2
+    cores — run by hand, figures in benchmarks/results/rehearsals.md)."""
+    r = _rehearse(name, layout, seed, tmp_path / "r")
     assert r["passed"] and not r["failures"]
-    assert r["kill"]["target_was_running"] or r["kill"]["landed"]
-    assert r["kill"]["resumed"]
+    assert r["kill"]["target_was_running"] and r["kill"]["rerun"]
     trained = {"distill", "finetune"} if "distill" in r["stages"] else {"stitch", "finetune"}
-    assert trained <= set(r["params"])
-    for p in r["params"].values():
-        assert p["max_rel"] <= 1e-4
+    assert trained <= set(r["params"]) and all("missing" not in p for p in r["params"].values())
+    if "distill_block" in r["stages"]:
+        assert sum(k.startswith("distill_block/") for k in r["params"]) == 16  # every block of the 80 layers
+    assert r["losses"]["records"] > 0 and r["losses"]["max_rel"] <= 1e-4
     assert r["export"]["max_rel"] <= 1e-4
     assert all(v["exit_code"] == 0 for v in r["inference"].values())

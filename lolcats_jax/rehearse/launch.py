@@ -147,3 +147,15 @@ def run_with_kill(run: Running, kill: Kill, timeout_s: float) -> dict:
         else "the process had already exited",
         "last_log_line": last_line(log),
     }
+
+
+def rerun_summary(log: Path) -> str:
+    """What the re-submitted job did first: the stages it skipped as finished, and whether the killed stage
+    resumed from a checkpoint or started again (it had none yet)."""
+    text = log.read_text(errors="replace")
+    skipped = re.findall(r"\[run\] stage '([a-z_]+)' already finished", text)
+    resumed = re.findall(r"\[([a-z_0-9]+)\] resuming from step (\d+)", text)
+    parts = [f"skipped finished {skipped}"] if skipped else []
+    parts += [f"{name} resumed from step {step}" for name, step in resumed] or ["the interrupted stage started again (no checkpoint of it yet)"]
+    return "; ".join(parts)
+

@@ -141,8 +141,7 @@ class Rehearsal:
         if target is not None:  # the scheduler re-submits the killed job; it resumes
             r = launch.start(target.job, cfg_path, logs, 1)
             self._check_codes(r, launch.wait(r, self.timeout_s))
-            out = (r.logs[0]).read_text(errors="replace")
-            record["kill"]["resumed"] = "resuming from step" in out or "already finished" in out or "skipping" in out
+            record["kill"]["rerun"] = launch.rerun_summary(r.logs[0])
         for job in wave:
             record["jobs"].append({"job": job.name, "processes": job.processes, "devices": job.devices})
         record["jobs"][-1]["wave_seconds"] = round(time.perf_counter() - t0, 1)
@@ -268,7 +267,7 @@ def format_report(r: dict) -> str:
         f"- reference (1 process × 1 device): {r.get('reference_seconds')} s; cluster layout: {r.get('cluster_seconds')} s; "
         f"all: {r.get('seconds')} s",
         f"- kill: process {kill.get('process')} of {kill.get('job')}, {kill.get('killed_after_s')} s into '{kill.get('stage')}' — "
-        f"{kill.get('landed')}; resumed: {kill.get('resumed')}" if kill else "- kill: none",
+        f"{kill.get('landed')}; re-run: {kill.get('rerun')}" if kill else "- kill: none",
         "", "| result | keys | max abs diff | max rel diff | bit-exact |", "|---|---:|---:|---:|---|",
     ]
     for name, p in r.get("params", {}).items():
