@@ -148,6 +148,7 @@ class EvalConfig:
     limit: int | None = None  # documents per task
     mmlu_limit: int | None = None  # questions per MMLU subject (57 subjects); default: `limit`
     mmlu_subjects: int | None = None  # score only this many MMLU subjects, evenly spaced (CPU subsets); None: all 57
+    mmlu_shots: int = 5  # solved dev examples before each MMLU question (the standard is 5)
     batch_size: int = 8
     perplexity: tuple[str, ...] = ()  # held-out text files
     task_models: tuple[str, ...] = ("teacher", "distill", "finetune")  # which models the benchmark tasks score

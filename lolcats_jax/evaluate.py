@@ -34,6 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--limit", type=int, default=None, help="first N documents per task (per subject for MMLU)")
     ap.add_argument("--mmlu-subjects", type=int, default=None,
                     help="score only N of the 57 MMLU subjects, evenly spaced alphabetically (default: all)")
+    ap.add_argument("--mmlu-shots", type=int, default=5, help="solved dev examples before each MMLU question")
     ap.add_argument("--batch-size", type=int, default=8, help="input rows per forward")
     ap.add_argument("--perplexity", metavar="FILE", help="UTF-8 text file: token-level perplexity")
     ap.add_argument("--ppl-chunk-len", type=int, default=512, help="tokens per non-overlapping perplexity window")
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
     from lolcats_jax.inference.loading import cli_mesh, load_for_generation, mesh_scope
 
     # load (and validate) all data before the model, so a bad file fails fast
-    tasks = [load_task(n, args.limit, mmlu_subjects=args.mmlu_subjects) for n in args.task_names] + [load_task_file(f, args.limit) for f in args.task_file]
+    tasks = [load_task(n, args.limit, mmlu_subjects=args.mmlu_subjects, mmlu_shots=args.mmlu_shots) for n in args.task_names] + [load_task_file(f, args.limit) for f in args.task_file]
     ppl_text = None
     if args.perplexity:
         if not Path(args.perplexity).is_file():

@@ -60,7 +60,7 @@ def run_evaluate(ctx: RunContext) -> dict:
     chunk = ctx.cfg.distill.data.chunk_size
     heldout = _heldout_ids(ctx) if ev.perplexity else []
     tasks = [load_task(name, limit=(ev.mmlu_limit or ev.limit) if name == "mmlu" else ev.limit,
-                       mmlu_subjects=ev.mmlu_subjects) for name in ev.tasks]
+                       mmlu_subjects=ev.mmlu_subjects, mmlu_shots=ev.mmlu_shots) for name in ev.tasks]
     results: dict[str, dict] = {}
     keys: dict[str, str] = {}
     for label, key, load in _models(ctx):
@@ -156,7 +156,7 @@ def render_report(ctx: RunContext, summary: dict) -> str:
                 norm = r.get("acc_norm")
                 cells.append(f"{r['acc']:.3f}" + (f" / {norm:.3f}" if norm is not None else ""))
             groups = next((m["tasks"][t]["groups"] for m in models.values() if "groups" in m.get("tasks", {}).get(t, {})), None)
-            label = f"{t} ({len(groups)} subjects, 5-shot, mean over subjects)" if groups else t
+            label = f"{t} ({len(groups)} subjects, {ctx.cfg.evaluate.mmlu_shots}-shot, mean over subjects)" if groups else t
             lines.append(f"| {label} | {n} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += _comparison(ctx, summary)

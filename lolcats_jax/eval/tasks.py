@@ -183,15 +183,16 @@ TASKS: dict[str, Callable[..., Task]] = {
 
 
 def load_task(name: str, limit: int | None = None, root: str | os.PathLike | None = None, *,
-              mmlu_subjects: int | None = None) -> Task:
+              mmlu_subjects: int | None = None, mmlu_shots: int = MMLU_SHOTS) -> Task:
     """A built-in task by name (`TASKS`); `limit` keeps the first N documents (per subject for MMLU);
-    `mmlu_subjects` keeps that many MMLU subjects (see `load_mmlu`)."""
+    `mmlu_subjects` keeps that many MMLU subjects, `mmlu_shots` solved dev examples before each question (see
+    `load_mmlu`)."""
     if name not in TASKS:
         raise DataError(f"unknown task {name!r}; known: {', '.join(TASKS)} (or pass --task-file FILE.jsonl)")
     if limit is not None and limit < 1:
         raise DataError(f"limit must be ≥ 1, got {limit}")
     if name == "mmlu":
-        return load_mmlu(name, limit=limit, root=root, subjects=mmlu_subjects)
+        return load_mmlu(name, limit=limit, root=root, subjects=mmlu_subjects, shots=mmlu_shots)
     return TASKS[name](name, limit=limit, root=root)
 
 
