@@ -529,3 +529,14 @@ def test_lm_eval_adapter_on_a_mesh(smollm2_dir, tmp_path):
     np.testing.assert_allclose([lp for lp, _ in many.loglikelihood(reqs)], [lp for lp, _ in one.loglikelihood(reqs)], rtol=1e-5)
     with pytest.raises(ValueError, match="DATAxFSDPxTENSOR"):
         LolcatsJaxLM(pretrained=str(hf_dir), mesh="8")
+
+
+def test_mmlu_shots():
+    """`mmlu_shots` solved dev examples precede each question: 5 by default (6 "Answer:" in the prompt, the last one
+    open), 0 leaves the subject line and the question."""
+    five = tasks.load_task("mmlu", 1, mmlu_subjects=1)
+    zero = tasks.load_task("mmlu", 1, mmlu_subjects=1, mmlu_shots=0)
+    assert five.docs[0].contexts[0].count("Answer:") == 6 and zero.docs[0].contexts[0].count("Answer:") == 1
+    assert five.docs[0].contexts[0].endswith(zero.docs[0].contexts[0].split("\n\n", 1)[1])
+    with pytest.raises(DataError, match="shots must be"):
+        tasks.load_task("mmlu", 1, mmlu_subjects=1, mmlu_shots=-1)

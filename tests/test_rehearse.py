@@ -89,11 +89,13 @@ def _rehearse(name, layout, seed, out):
     return json.loads(report_path.read_text())
 
 
-@pytest.mark.parametrize("name,layout,seed", [("llama3_1_8b", "1x8", 1), ("llama3_1_70b", "2x4", 2),
-                                              ("llama3_1_70b_blockwise", "2x4", 3)])
+@pytest.mark.parametrize("name,layout,seed", [("llama3_1_8b", "1x8", 1), ("llama3_1_70b_blockwise", "2x4", 3)])
 def test_rehearsal(name, layout, seed, tmp_path):
-    """The shipped config as its cluster runs it (a 405B layout, 4 processes × 8 devices, takes ~20 minutes on 2
-    cores — run by hand, figures in benchmarks/results/rehearsals.md)."""
+    """The shipped config as its cluster runs it. CI keeps two within its budget: the 8B recipe's batch of one on an
+    8-device FSDP mesh, and the 70B block-wise chain on 2 processes × 4 devices (collect on both processes, block
+    jobs as a one-device array, stitch + finetune + evaluate on both, export). The other layouts take 4–20 minutes
+    each on 2 cores (the 4-process jobs run every collective through 32 gloo ranks): run by hand, figures in
+    benchmarks/results/rehearsals.md."""
     r = _rehearse(name, layout, seed, tmp_path / "r")
     assert r["passed"] and not r["failures"]
     assert r["kill"]["target_was_running"] and r["kill"]["rerun"]
@@ -101,6 +103,8 @@ def test_rehearsal(name, layout, seed, tmp_path):
     assert trained <= set(r["params"]) and all("missing" not in p for p in r["params"].values())
     if "distill_block" in r["stages"]:
         assert sum(k.startswith("distill_block/") for k in r["params"]) == 16  # every block of the 80 layers
+        # block jobs run on one device in both runs, from inputs the 2-process collect wrote: the same bits
+        assert all(p["bit_exact"] for k, p in r["params"].items() if k.startswith("distill_block/") or k == "stitch")
     assert r["losses"]["records"] > 0 and r["losses"]["max_rel"] <= 1e-4
     assert r["export"]["max_rel"] <= 1e-4
     assert all(v["exit_code"] == 0 for v in r["inference"].values())

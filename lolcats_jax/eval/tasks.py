@@ -158,6 +158,8 @@ def load_mmlu(task_name: str = "mmlu", limit: int | None = None, root=None, shot
     """The 57 subjects (test split) — or `subjects` of them, evenly spaced in alphabetical order (CPU subsets);
     `limit` applies per subject."""
     cols = ("question", "subject", "choices", "answer")
+    if shots < 0:
+        raise DataError(f"MMLU: shots must be ≥ 0, got {shots}")
     docs = []
     for subject in spread(sorted(data.list_configs("hails/mmlu_no_train", root)), subjects):
         dev = _rows("hails/mmlu_no_train", subject, "dev", cols, root, None)

@@ -28,10 +28,12 @@ from lolcats_jax.rehearse import checks, fixtures, launch, shrink
 from lolcats_jax.sharding import MeshShape
 
 # Cluster layout vs one device, fp32. The layouts add the same numbers in another order (sharded matmuls, batch
-# sums across devices), so results agree to rounding — except that Adam's first steps move every weight by about
-# ±lr whatever its gradient's size: a weight whose gradient is ~0 carries that rounding noise up to ~lr. Hence
-# the parameters are held to 1e-3 of their largest value, the logged losses (smooth in the weights) to 1e-4.
-PARAM_RTOL = 1e-3  # largest parameter difference / largest parameter of the result
+# sums across devices), so results agree to rounding — the logged losses, smooth in the weights, to ~1e-5 (held to
+# 1e-4). The weights themselves are a coarse check: Adam's first steps move every weight by about ±lr whatever its
+# gradient's size, so a weight whose gradient is ~0 turns rounding noise into up to ~lr per step (measured: LoRA
+# after 3 steps at lr 1e-4 differed by 5.9e-4 = 0.5% of the largest weight, with every loss equal to 5.6e-6).
+# Results trained on one device in both runs (block jobs, stitch) are compared bit for bit in the report.
+PARAM_RTOL = 1e-2  # largest parameter difference / largest parameter of the result
 LOSS_RTOL = 1e-4  # every logged train / eval loss
 EXPORT_RTOL = 1e-4  # transformers' logits vs the JAX model's, relative to the largest logit
 TRAINING_STAGES = ("collect", "distill", "distill_block", "stitch", "finetune")
@@ -196,8 +198,10 @@ class Rehearsal:
     def _choose_kill(self, cfg: Config, waves, ref_summary: dict) -> launch.Kill:
         rng = random.Random(self.seed)
         stage = rng.choice(list(cfg.run.stages))
-        job = next(j for wave in waves for j in wave if stage in j.stages)
-        seconds = float(ref_summary.get(stage, {}).get("seconds", UNTIMED_STAGE_S))
+        wave = next(w for w in waves if any(stage in j.stages for j in w))
+        job = next(j for j in wave if stage in j.stages)
+        # the reference ran the stage whole; a job of a wave of block jobs runs its share of the blocks
+        seconds = float(ref_summary.get(stage, {}).get("seconds", UNTIMED_STAGE_S)) / len(wave)
         return launch.Kill(stage, rng.randrange(job.processes), rng.uniform(0.0, 1.0) * seconds)
 
     # ------------------------------------------------------------------------------------------- checks

@@ -4,10 +4,14 @@ The quantity stage 1 minimises, measured the same way for every run (joint `dist
 runs can be compared: every linearized layer is teacher-forced (it receives the softmax model's hidden stream) and
 the MSE between its hybrid-attention output and the softmax attention output (per head, before o_proj) is
 averaged over tokens, heads and dimensions; reported per layer and as the mean over layers (no `mse_factor`).
-Batches: the first `evaluate.attention_mse_batches` validation batches of `distill.batch_size` chunks, in order.
+Batches: the first `evaluate.attention_mse_batches` validation batches of `distill.batch_size` chunks, in order —
+with several processes rounded up to a multiple of the data × fsdp devices, so that every process has rows (the
+block-wise configs train with batches of one sequence, but evaluate on several hosts).
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import numpy as np
@@ -16,6 +20,7 @@ from flax import nnx
 from lolcats_jax.errors import UserError
 from lolcats_jax.model.llama import Llama
 from lolcats_jax.train.losses import distill_loss
+from lolcats_jax.train.step import BATCH_AXES
 
 
 def attention_mse(ctx, model: Llama) -> dict:
@@ -28,7 +33,12 @@ def attention_mse(ctx, model: Llama) -> dict:
                                process_index=ctx.process_index, process_count=ctx.process_count)
     if val_ds is None:
         raise UserError("evaluate.attention_mse_batches > 0 needs distill.data.validation (or distill.data.val_size)")
-    local = d.batch_size // ctx.process_count
+    P = ctx.process_count
+    global_batch = d.batch_size
+    if P > 1:  # several processes feed their own rows: a multiple of the data × fsdp devices (see train.step.batch_axes)
+        dp = math.prod(ctx.mesh.shape[a] for a in BATCH_AXES)
+        global_batch = -(-d.batch_size // dp) * dp
+    local = global_batch // P
     graphdef, state = nnx.split(model)
 
     @jax.jit
@@ -43,7 +53,7 @@ def attention_mse(ctx, model: Llama) -> dict:
         total += float(mse)
         layers = np.asarray(layer_mse, np.float64) + (0.0 if layers is None else layers)
         n += 1
-        tokens += d.batch_size * ids["input_ids"].shape[1]
+        tokens += global_batch * ids["input_ids"].shape[1]
     if n == 0:
         raise UserError("evaluate: the distillation validation split produced no batch for the attention MSE")
     return {"mse": total / n, "layer_mse": (layers / n).tolist(), "batches": n, "tokens": tokens}
