@@ -72,8 +72,8 @@ def hf_tensor_specs(model: Llama) -> list[TensorSpec]:
             raise ConversionError(f"parameter {'.'.join(pm.path)} has shape {arr.shape}, expected {pm.shape} from the config")
         dtype = np.dtype(arr.dtype)
 
-        def block(layer: int | None, arr: jax.Array = arr) -> np.ndarray:
-            return _to_host(arr if layer is None else arr[layer])
+        def block(layer: int | None, expert: int | None, arr: jax.Array = arr) -> np.ndarray:
+            return _to_host(arr if layer is None else arr[layer] if expert is None else arr[layer, expert])
 
         for name, get in pm.hf_items(block):
             specs.append(TensorSpec(name, pm.hf_shape, dtype, get))

@@ -2,7 +2,9 @@
 
 Notation: L layers, E hidden size, H query heads, K kv heads, D head dim, M MLP hidden, V vocabulary.
 The layout on our side is the one documented in `lolcats_jax/model/llama.py`; per-layer weights are stacked
-along a leading L axis, so an HF name with ``{i}`` is one layer of a stacked parameter.
+along a leading L axis, so an HF name with ``{i}`` is one layer of a stacked parameter. The expert MLPs of a
+mixture-of-experts model (Mixtral) also stack X experts after L: an HF name with ``{i}`` and ``{j}`` is one expert
+of one layer, and the layout applies to that one (E, M) / (M, E) matrix.
 
 Each entry names a *layout*, i.e. how one (per-layer) block of ours relates to the HF matrix:
 
@@ -133,10 +135,31 @@ LAYER_TABLE: dict[str, tuple[str, Layout]] = {
 }
 
 
+# Mixtral's MoE MLP (transformers' on-disk names: `save_pretrained` writes them, and loading renames them)
+MOE_LAYER_TABLE: dict[str, tuple[str, Layout]] = {
+    "router": ("model.layers.{i}.block_sparse_moe.gate.weight", TRANSPOSE),  # (X, E) → ours (E, X)
+    "w_gate": ("model.layers.{i}.block_sparse_moe.experts.{j}.w1.weight", TRANSPOSE),
+    "w_up": ("model.layers.{i}.block_sparse_moe.experts.{j}.w3.weight", TRANSPOSE),
+    "w_down": ("model.layers.{i}.block_sparse_moe.experts.{j}.w2.weight", TRANSPOSE),
+}
+
+
 def layer_table(cfg: LlamaConfig) -> dict[str, tuple[str, Layout]]:
-    """The rows of LAYER_TABLE that a model of `cfg` has (biases and q/k norms only in the families with them)."""
-    present = base_shapes(cfg)
-    return {name: row for name, row in LAYER_TABLE.items() if name in present}
+    """The rows of LAYER_TABLE that a model of `cfg` has (biases and q/k norms only in the families with them,
+    the MoE rows instead of the dense MLP in mixture-of-experts models), in our parameter order."""
+    table = {**LAYER_TABLE, **MOE_LAYER_TABLE} if cfg.is_moe else LAYER_TABLE
+    return {name: table[name] for name in base_shapes(cfg)}
+
+
+def layer_param_map(cfg: LlamaConfig, name: str, layers: range) -> "ParamMap":
+    """The ParamMap of stacked per-layer parameter `name` over decoder `layers` (one HF tensor per layer, or per
+    layer and expert for expert MLPs)."""
+    template, layout = layer_table(cfg)[name]
+    shape = tuple(base_shapes(cfg)[name])
+    if "{j}" in template:
+        names = tuple(template.format(i=i, j=j) for i in layers for j in range(cfg.num_experts))
+        return ParamMap(("layers", name), names, layout, shape, stacked=True, experts=cfg.num_experts)
+    return ParamMap(("layers", name), tuple(template.format(i=i) for i in layers), layout, shape, stacked=True)
 
 
 # our top-level parameter → (HF name, layout)
@@ -149,21 +172,30 @@ GLOBAL_TABLE: dict[str, tuple[str, Layout]] = {
 
 @dataclasses.dataclass(frozen=True)
 class ParamMap:
-    """One parameter of ours and the HF tensors it is made of (one per layer when `stacked`)."""
+    """One parameter of ours and the HF tensors it is made of (one per layer when `stacked`; one per layer and
+    expert, layer-major, when `experts` > 0: then `block_shape` starts with the expert axis)."""
 
     path: tuple[str, ...]  # nnx path, e.g. ("layers", "wq")
-    hf_names: tuple[str, ...]  # one name, or one per layer
+    hf_names: tuple[str, ...]  # one name, or one per layer (per layer and expert)
     layout: Layout
     block_shape: tuple[int, ...]  # our shape without the layers axis
     stacked: bool
+    experts: int = 0
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.hf_names) // max(self.experts, 1)
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return ((len(self.hf_names),) if self.stacked else ()) + self.block_shape
+        return ((self.num_layers,) if self.stacked else ()) + self.block_shape
 
     @property
     def hf_shape(self) -> tuple[int, ...]:
-        return self.layout.hf_shape(self.block_shape)
+        return self.layout.hf_shape(self.block_shape[1:] if self.experts else self.block_shape)
+
+    def hf_name(self, layer: int, expert: int | None = None) -> str:
+        return self.hf_names[layer * self.experts + expert] if self.experts else self.hf_names[layer]
 
     def read(self, read_hf: Callable[[str, Index], np.ndarray], index: Index, dtype: np.dtype) -> np.ndarray:
         """The slice `index` of our parameter in `dtype`, assembled from per-layer slices of the HF tensors.
@@ -177,15 +209,21 @@ class ParamMap:
             return out
         s_layers, rest = index[0], index[1:]
         for j, i in enumerate(range(s_layers.start, s_layers.stop)):
-            name = self.hf_names[i]
-            out[j] = self.layout.read(lambda ix: read_hf(name, ix), rest, self.block_shape)
+            if not self.experts:
+                name = self.hf_names[i]
+                out[j] = self.layout.read(lambda ix: read_hf(name, ix), rest, self.block_shape)
+                continue
+            for jx, x in enumerate(range(rest[0].start, rest[0].stop)):
+                name = self.hf_name(i, x)
+                out[j, jx] = self.layout.read(lambda ix: read_hf(name, ix), rest[1:], self.block_shape[1:])
         return out
 
-    def hf_items(self, ours: Callable[[int | None], np.ndarray]) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
-        """(HF name, thunk giving the HF tensor) pairs; `ours(i)` returns layer i's block (None: the whole param)."""
-        for i, name in enumerate(self.hf_names):
-            layer = i if self.stacked else None
-            yield name, (lambda layer=layer: self.layout.to_hf(ours(layer)))
+    def hf_items(self, ours: Callable[[int | None, int | None], np.ndarray]) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
+        """(HF name, thunk giving the HF tensor) pairs; `ours(i, x)` returns layer i's block (expert x's matrix of
+        it for expert parameters, x None otherwise; i None: the whole unstacked param)."""
+        for n, name in enumerate(self.hf_names):
+            layer, expert = (n // self.experts, n % self.experts) if self.experts else (n if self.stacked else None, None)
+            yield name, (lambda layer=layer, expert=expert: self.layout.to_hf(ours(layer, expert)))
 
 
 def normalise_index(index: Index, shape: tuple[int, ...]) -> Index:
@@ -206,11 +244,8 @@ def param_maps(cfg: LlamaConfig) -> list[ParamMap]:
     """Every base parameter of a model with architecture `cfg`, in HF order (embed, layers, norm, head)."""
     L = cfg.num_layers
     E, V = cfg.hidden_size, cfg.vocab_size
-    shapes = base_shapes(cfg)
     out = [ParamMap(("embed",), (GLOBAL_TABLE["embed"][0],), SAME, (V, E), stacked=False)]
-    for name, (template, layout) in layer_table(cfg).items():
-        names = tuple(template.format(i=i) for i in range(L))
-        out.append(ParamMap(("layers", name), names, layout, tuple(shapes[name]), stacked=True))
+    out += [layer_param_map(cfg, name, range(L)) for name in layer_table(cfg)]
     out.append(ParamMap(("final_norm",), (GLOBAL_TABLE["final_norm"][0],), SAME, (E,), stacked=False))
     if not cfg.tie_embeddings:
         out.append(ParamMap(("lm_head",), (GLOBAL_TABLE["lm_head"][0],), TRANSPOSE, (E, V), stacked=False))

@@ -83,14 +83,16 @@ def lolcats_section(model: Llama) -> dict:
     }
 
 
-def _merged_block(model: Llama, name: str, layer: int) -> np.ndarray:
-    """Layer `layer` of base parameter `name` with its LoRA update (α/r)·A B folded in (computed in float64)."""
-    block = _to_host(_param(model, ("layers", name))[layer])
+def _merged_block(model: Llama, name: str, layer: int, expert: int | None = None) -> np.ndarray:
+    """Layer `layer` of base parameter `name` (expert `expert`'s matrix of it for expert MLPs) with its LoRA update
+    (α/r)·A B folded in (computed in float64)."""
+    at = (layer,) if expert is None else (layer, expert)
+    block = _to_host(_param(model, ("layers", name))[at])
     lora, target = model.opts.lora, LORA_TARGET_OF.get(name)
     if lora is None or target not in lora.targets:
         return block
-    a = _to_host(getattr(model.lora, f"{target}_a")[...][layer]).astype(np.float64)
-    b = _to_host(getattr(model.lora, f"{target}_b")[...][layer]).astype(np.float64)
+    a = _to_host(getattr(model.lora, f"{target}_a")[...][at]).astype(np.float64)
+    b = _to_host(getattr(model.lora, f"{target}_b")[...][at]).astype(np.float64)
     delta = a.reshape(-1, lora.rank) @ b.reshape(lora.rank, -1)
     merged = block.astype(np.float64) + lora.scale * delta.reshape(block.shape)
     return merged.astype(block.dtype)
@@ -105,10 +107,10 @@ def merged_base_specs(model: Llama, dtype: np.dtype | None = None) -> list[Tenso
             raise ConversionError(f"parameter {'.'.join(pm.path)} has shape {arr.shape}, expected {pm.shape}")
         out_dtype = np.dtype(dtype if dtype is not None else arr.dtype)
 
-        def block(layer: int | None, arr=arr, path=pm.path) -> np.ndarray:
+        def block(layer: int | None, expert: int | None, arr=arr, path=pm.path) -> np.ndarray:
             if layer is None:
                 return _to_host(arr)
-            return _merged_block(model, path[1], layer)
+            return _merged_block(model, path[1], layer, expert)
 
         for name, get in pm.hf_items(block):
             specs.append(TensorSpec(name, pm.hf_shape, out_dtype, _cast(get, out_dtype)))

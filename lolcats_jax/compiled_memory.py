@@ -20,7 +20,7 @@ from lolcats_jax.config import Config
 from lolcats_jax.model.build import abstract_model, model_options
 from lolcats_jax.model.llama import FeatureMapParam, LoraParam, WindowParam
 from lolcats_jax.model.llama_config import LlamaConfig
-from lolcats_jax.sharding import MeshShape, make_mesh
+from lolcats_jax.sharding import make_mesh
 
 
 def fake_devices(n: int) -> None:
@@ -41,7 +41,7 @@ def stage_step_memory(cfg: Config, lc: LlamaConfig, stage: str, devices: int) ->
     from lolcats_jax.train.optim import make_optimizer
     from lolcats_jax.train.step import batch_sharding, build_steps, split_model
 
-    mesh = make_mesh(MeshShape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor), devices=jax.devices("cpu")[:devices])
+    mesh = make_mesh(cfg.mesh.shape(), devices=jax.devices("cpu")[:devices])
     sec = cfg.distill if stage == "distill" else cfg.finetune
     lora = cfg.finetune.lora if stage == "finetune" else None
     model = abstract_model(lc, model_options(cfg, lc.num_layers, lora=lora))

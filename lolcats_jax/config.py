@@ -16,6 +16,9 @@ from typing import Any, Mapping, Sequence, Union
 
 import yaml
 
+if typing.TYPE_CHECKING:  # jax-free at run time: the config is checked before JAX is imported
+    from lolcats_jax.sharding import MeshShape
+
 
 class ConfigError(ValueError):
     """A configuration file or override is invalid."""
@@ -59,8 +62,14 @@ class MeshConfig:
     data: int = 1
     fsdp: int = -1  # -1: the remaining devices
     tensor: int = 1
+    expert: int = 1  # expert parallelism of mixture-of-experts MLPs (a data axis everywhere else)
     devices: int | None = None  # the device count the config is written for (used by `python -m lolcats_jax.plan`)
     device_memory_gb: float = 80.0  # per-device memory the plan checks against
+
+    def shape(self) -> MeshShape:
+        from lolcats_jax.sharding import MeshShape
+
+        return MeshShape(self.data, self.fsdp, self.tensor, self.expert)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +148,7 @@ class BlockConfig:
     max_train_samples: int | None = None
     max_val_samples: int | None = None
     ignore_disk_check: bool = False
-    collect_batch_size: int | None = None  # sequences per collect batch (default: one per data × fsdp device)
+    collect_batch_size: int | None = None  # sequences per collect batch (default: one per data × fsdp × expert device)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,13 +30,13 @@ from lolcats_jax.model.build import abstract_model, model_options
 from lolcats_jax.model.llama import FeatureMapParam, LoraParam, WindowParam
 from lolcats_jax.model.llama_config import LlamaConfig
 from lolcats_jax.model.options import to_dtype
-from lolcats_jax.sharding import MESH_AXES, MeshShape, logical_to_spec
+from lolcats_jax.sharding import MESH_AXES, logical_to_spec
 
 GB = 1024**3
 
 
 def _abstract_mesh(shape: tuple[int, ...]):
-    return jax.sharding.AbstractMesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    return jax.sharding.AbstractMesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
 def shard_bytes(shape, dtype, axes, mesh) -> int:
@@ -101,7 +101,7 @@ def stage_plan(cfg: Config, lc: LlamaConfig, mesh, stage: str) -> dict:
 
 
 def activation_bytes(cfg: Config, lc: LlamaConfig, mesh, stage: str, global_batch: int, T: int) -> int:
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    dp = mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
     tp = mesh.shape["tensor"]
     B = max(1, math.ceil(global_batch / dp))
     cdt = np.dtype(to_dtype(cfg.model.compute_dtype)).itemsize
@@ -124,7 +124,7 @@ def plan(cfg: Config, devices: int | None = None, memory_gb: float | None = None
     JAX devices — fake CPU devices are fine)."""
     lc = llama_config_for(cfg)
     n = devices or cfg.mesh.devices or jax.device_count()
-    shape = MeshShape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor).resolve(n)
+    shape = cfg.mesh.shape().resolve(n)
     mesh = _abstract_mesh(shape)
     stages = [s for s in ("distill", "finetune") if s in cfg.run.stages]
     limit = (memory_gb or cfg.mesh.device_memory_gb) * GB

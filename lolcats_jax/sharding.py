@@ -2,11 +2,13 @@
 
 Every parameter carries a tuple of logical axis names in its `axes` metadata (one per dimension), and the main
 activations are constrained with logical names too. `LOGICAL_RULES` is the only place where those names meet the
-mesh axes `data`, `fsdp` and `tensor`:
+mesh axes `data`, `fsdp`, `tensor` and `expert`:
 
     data    pure data parallelism (parameters replicated)
     fsdp    data parallelism with parameters / optimizer state sharded along their embed dimension (ZeRO-3 style)
     tensor  Megatron-style tensor parallelism over heads and the MLP hidden dimension
+    expert  expert parallelism: the experts of a mixture-of-experts MLP are split over it; everywhere else it is
+            one more data axis (batch rows), so attention is never computed twice (`lolcats_jax.model.moe`)
 
 A dimension whose size is not divisible by the mesh axes its rule names is left unsharded (SmolLM2's 3 KV heads
 on a tensor axis of 2, say): correctness never depends on the rules, only memory and speed do.
@@ -23,11 +25,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lolcats_jax import compat
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
 
 def parse_mesh_shape(text: str) -> "MeshShape":
-    """"data=1,fsdp=-1,tensor=1" → MeshShape (omitted axes keep their defaults); ValueError naming the bad part."""
+    """"data=1,fsdp=-1,tensor=1[,expert=1]" → MeshShape (omitted axes keep their defaults); ValueError naming the bad part."""
     sizes: dict[str, int] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, sep, value = part.partition("=")
@@ -42,7 +44,7 @@ def parse_mesh_shape(text: str) -> "MeshShape":
 # logical name → mesh axis (or tuple of mesh axes, or None = replicated)
 LOGICAL_RULES: Mapping[str, Any] = {
     # activations
-    "batch": ("data", "fsdp"),
+    "batch": ("data", "fsdp", "expert"),
     "seq": None,
     "act_embed": None,
     "act_heads": "tensor",
@@ -57,6 +59,7 @@ LOGICAL_RULES: Mapping[str, Any] = {
     "kv_heads": "tensor",
     "head_dim": None,
     "mlp": "tensor",
+    "expert": "expert",
     "norm": None,
     "feature": None,
     "lora_rank": None,
@@ -68,9 +71,10 @@ class MeshShape:
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
+    expert: int = 1
 
-    def resolve(self, num_devices: int) -> tuple[int, int, int]:
-        sizes = [self.data, self.fsdp, self.tensor]
+    def resolve(self, num_devices: int) -> tuple[int, int, int, int]:
+        sizes = [self.data, self.fsdp, self.tensor, self.expert]
         if sum(s == -1 for s in sizes) > 1:
             raise ValueError(f"mesh: at most one axis may be -1 (the rest), got {dict(zip(MESH_AXES, sizes))}")
         fixed = int(np.prod([s for s in sizes if s != -1]))
@@ -88,7 +92,7 @@ class MeshShape:
 
 
 def make_mesh(shape: MeshShape | Mapping[str, int] | None = None, devices: Sequence[Any] | None = None) -> jax.sharding.Mesh:
-    """A (data, fsdp, tensor) mesh over `devices` (default: all devices of all processes)."""
+    """A (data, fsdp, tensor, expert) mesh over `devices` (default: all devices of all processes)."""
     if shape is None:
         shape = MeshShape()
     elif isinstance(shape, Mapping):

@@ -30,7 +30,8 @@ TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_lay
             num_key_value_heads=2, head_dim=16, max_position_embeddings=256, rms_norm_eps=1e-5)
 LLAMA3_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                    original_max_position_embeddings=64)
-MESHES = {"fsdp4_tensor2": dict(data=1, fsdp=4, tensor=2), "data2_fsdp4": dict(data=2, fsdp=4, tensor=1)}
+MESHES = {"fsdp4_tensor2": dict(data=1, fsdp=4, tensor=2), "data2_fsdp4": dict(data=2, fsdp=4, tensor=1),
+          "fsdp2_tensor2_expert2": dict(data=1, fsdp=2, tensor=2, expert=2)}
 
 
 def make_hf(path: Path, *, dtype=torch.float32, tied=False, shard=None, arch="llama", seed=0) -> Path:
@@ -45,6 +46,10 @@ def make_hf(path: Path, *, dtype=torch.float32, tied=False, shard=None, arch="ll
     elif arch == "qwen3":  # RMSNorm of q and k per head
         cfg = transformers.Qwen3Config(**TINY, tie_word_embeddings=tied, rope_theta=1000000.0, use_sliding_window=False)
         model = transformers.Qwen3ForCausalLM(cfg)
+    elif arch == "mixtral":  # a router over 4 SwiGLU experts, top 2 per token
+        cfg = transformers.MixtralConfig(**TINY, tie_word_embeddings=tied, rope_theta=1000000.0, num_local_experts=4,
+                                         num_experts_per_tok=2)
+        model = transformers.MixtralForCausalLM(cfg)
     else:
         cfg = transformers.LlamaConfig(**TINY, tie_word_embeddings=tied, rope_theta=500000.0, rope_scaling=LLAMA3_ROPE)
         model = transformers.LlamaForCausalLM(cfg)
@@ -89,6 +94,8 @@ def hf_dirs(tmp_path_factory) -> dict[str, Path]:
         "qwen2_fp32_tied": make_hf(root / "f", arch="qwen2", tied=True, seed=5),
         "qwen3_bf16_multi": make_hf(root / "g", arch="qwen3", dtype=torch.bfloat16, shard="30KB", seed=6),
         "qwen3_fp32": make_hf(root / "h", arch="qwen3", seed=7),
+        "mixtral_fp32": make_hf(root / "i", arch="mixtral", seed=8),
+        "mixtral_bf16_multi": make_hf(root / "j", arch="mixtral", dtype=torch.bfloat16, shard="30KB", tied=True, seed=9),
     }
 
 
@@ -96,7 +103,7 @@ def hf_dirs(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize("name", ["fp32_single_untied", "fp32_multi_tied", "mistral_fp32", "qwen2_fp32_tied",
-                                  "qwen3_fp32"])
+                                  "qwen3_fp32", "mixtral_fp32"])
 def test_logits_match_transformers(hf_dirs, name):
     d = hf_dirs[name]
     model = hf_to_flax.load_hf_params(d, param_dtype="float32")
@@ -108,9 +115,9 @@ def test_logits_match_transformers(hf_dirs, name):
     assert np.abs(ours - ref).max() / np.abs(ref).max() <= 1e-5
 
 
-@pytest.mark.parametrize("name", ["qwen2_fp32_tied", "qwen3_fp32"])
+@pytest.mark.parametrize("name", ["qwen2_fp32_tied", "qwen3_fp32", "mixtral_fp32"])
 def test_greedy_generation_matches_transformers(hf_dirs, name):
-    """The converted Qwen2 / Qwen3 generate (cached prefill + decode) the tokens transformers' own classes do."""
+    """The converted Qwen2 / Qwen3 / Mixtral generate (cached prefill + decode) the tokens transformers' own classes do."""
     from lolcats_jax.inference.generation import Generator
 
     d = hf_dirs[name]
@@ -124,7 +131,7 @@ def test_greedy_generation_matches_transformers(hf_dirs, name):
 
 
 @pytest.mark.parametrize("name", ["fp32_single_untied", "fp32_multi_tied", "bf16_single_tied", "bf16_multi_untied",
-                                  "mistral_fp32", "qwen2_fp32_tied", "qwen3_bf16_multi"])
+                                  "mistral_fp32", "qwen2_fp32_tied", "qwen3_bf16_multi", "mixtral_bf16_multi"])
 def test_round_trip_is_bit_exact(hf_dirs, tmp_path, name):
     src = hf_dirs[name]
     dtype = "bfloat16" if "bf16" in name else "float32"
@@ -147,7 +154,8 @@ def test_round_trip_is_bit_exact(hf_dirs, tmp_path, name):
 
 
 @pytest.mark.parametrize("mesh_name,source", [(m, "fp32_single_untied") for m in MESHES]
-                         + [("fsdp4_tensor2", "qwen2_fp32_tied"), ("fsdp4_tensor2", "qwen3_fp32")])
+                         + [("fsdp4_tensor2", "qwen2_fp32_tied"), ("fsdp4_tensor2", "qwen3_fp32"),
+                            ("fsdp2_tensor2_expert2", "mixtral_fp32")])
 def test_sharded_load_reads_only_slices(hf_dirs, monkeypatch, mesh_name, source):
     d = hf_dirs[source]
     reference = flat_params(hf_to_flax.load_hf_params(d, param_dtype="float32"))
@@ -178,7 +186,8 @@ def test_sharded_load_reads_only_slices(hf_dirs, monkeypatch, mesh_name, source)
         sharded_hf += len(sizes) > 1
         if len(sizes) > 1:
             assert max(sizes) < full
-    assert sharded_hf >= 7 * TINY["num_hidden_layers"] + 2  # q/k/v/o/gate/up/down, embed, head split on both meshes
+    # q/k/v/o/gate/up/down, embed, head split on every mesh (each expert's matrices too)
+    assert sharded_hf >= 7 * TINY["num_hidden_layers"] + 2
 
 
 def test_extra_params_keep_fresh_init(hf_dirs):
@@ -311,11 +320,13 @@ def test_unsupported_architecture_cli_exit_2(hf_dirs, tmp_path, capsys):
     ("qwen3", {"attention_bias": True}, "attention_bias"),
     ("qwen2", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling"),
     ("qwen3", {"architectures": ["Qwen2ForCausalLM"]}, "architecture"),
+    ("mixtral", {"router_jitter_noise": 0.1}, "router_jitter_noise"),
+    ("mixtral", {"num_local_experts": 8}, "block_sparse_moe.experts.4"),
 ])
 def test_unsupported_family_options_are_refused(hf_dirs, tmp_path, family, change, field):
     """What the one model cannot express (sliding-window softmax layers, o_proj biases, other rope types) is an
     error naming the field, not a silently different model."""
-    src = hf_dirs["qwen2_fp32_tied" if family == "qwen2" else "qwen3_fp32"]
+    src = hf_dirs[{"qwen2": "qwen2_fp32_tied", "qwen3": "qwen3_fp32", "mixtral": "mixtral_fp32"}[family]]
     d = shutil.copytree(src, tmp_path / "m")
     cfg = json.loads((d / "config.json").read_text())
     (d / "config.json").write_text(json.dumps({**cfg, **change}))

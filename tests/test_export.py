@@ -30,7 +30,8 @@ VARIANTS = {  # name -> LolcatsLayerOptions overrides
 }
 
 
-FAMILIES = {"llama": {}, "qwen2": dict(model_type="qwen2", qkv_bias=True), "qwen3": dict(model_type="qwen3", qk_norm=True)}
+FAMILIES = {"llama": {}, "qwen2": dict(model_type="qwen2", qkv_bias=True), "qwen3": dict(model_type="qwen3", qk_norm=True),
+            "mixtral": dict(model_type="mixtral", num_experts=4, num_experts_per_tok=2)}
 
 
 def make_model(variant: str = "tk", *, targets=("q", "k", "v", "o"), seed: int = 0, family: str = "llama") -> Llama:
@@ -245,17 +246,21 @@ def test_generate_with_cache_matches_jax_greedy(exported, variant):
         assert Generator(model).generate([list(p) for p in prompts], steps) == seqs[:, 7:].tolist()
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mixtral"])
 def test_family_export_matches_jax(tmp_path, family):
-    """A linearized Qwen2 (q/k/v biases) / Qwen3 (q/k RMSNorm): transformers loads the export with its own attention
-    class in the softmax layer; logits (parallel and cached greedy generation) match JAX; re-import is bit-exact."""
-    model = make_model("tk", family=family)
+    """A linearized Qwen2 (q/k/v biases) / Qwen3 (q/k RMSNorm) / Mixtral (4 experts, top 2, LoRA on the experts too):
+    transformers loads the export with the family's attention class in the softmax layer (and Mixtral's expert
+    names); logits (parallel and cached greedy generation) match JAX; re-import is bit-exact."""
+    targets = ("q", "k", "v", "o", "gate", "up", "down") if family == "mixtral" else ("q", "k", "v", "o")
+    model = make_model("tk", family=family, targets=targets)
     written = to_hf.export_linearized(model, None, tmp_path / "hf")
     hf = load_hf(tmp_path / "hf")
-    assert type(hf.model.layers[1].self_attn).__name__ == {"qwen2": "Qwen2Attention", "qwen3": "Qwen3Attention"}[family]
+    assert type(hf.model.layers[1].self_attn).__name__ == {"qwen2": "Qwen2Attention", "qwen3": "Qwen3Attention",
+                                                           "mixtral": "LlamaAttention"}[family]
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["lolcats"]["base_model_type"] == family
     names = {n for p in written if p.suffix == ".safetensors" for n in SafetensorsDir(tmp_path / "hf").keys()}
-    extra = {"qwen2": "self_attn.v_proj.bias", "qwen3": "self_attn.k_norm.weight"}[family]
+    extra = {"qwen2": "self_attn.v_proj.bias", "qwen3": "self_attn.k_norm.weight",
+             "mixtral": "block_sparse_moe.experts.3.w2.weight"}[family]
     assert {f"model.layers.{i}.{extra}" for i in range(3)} <= names
     for length in LENGTHS:
         assert rel_err(hf_logits(hf, SEQ[:, :length], use_cache=False), reference_logits(model, length)) <= 1e-4

@@ -38,7 +38,7 @@ def test_trainable_counts_match_the_reference_figures():
 
 
 def test_shard_bytes_follow_rules():
-    mesh = _abstract_mesh((1, 4, 2))
+    mesh = _abstract_mesh((1, 4, 2, 1))
     # (L, E, H, D) with E over fsdp=4 and H over tensor=2
     assert shard_bytes((2, 64, 8, 16), np.float32, ("layers", "embed", "q_heads", "head_dim"), mesh) == 2 * 16 * 4 * 16 * 4
     # 3 kv heads do not split over tensor=2: replicated on that dim

@@ -64,4 +64,5 @@ def test_mesh_shape_errors():
         MeshShape(data=2, fsdp=3, tensor=1).resolve(8)
     with pytest.raises(ValueError, match="at most one axis"):
         MeshShape(data=-1, fsdp=-1).resolve(8)
-    assert MeshShape(data=2, fsdp=-1, tensor=2).resolve(8) == (2, 2, 2)
+    assert MeshShape(data=2, fsdp=-1, tensor=2).resolve(8) == (2, 2, 2, 1)
+    assert MeshShape(data=1, fsdp=-1, tensor=2, expert=2).resolve(8) == (1, 2, 2, 2)

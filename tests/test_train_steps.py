@@ -29,9 +29,9 @@ def tiny_dir(tmp_path_factory, smollm2_dir):
     return write_tiny_model(tmp_path_factory.mktemp("tiny") / "model", smollm2_dir)
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3"])
+@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3", "mixtral"])
 def family_dir(request, tmp_path_factory, smollm2_dir):
-    """The tiny model of each supported family (Qwen2: q/k/v biases; Qwen3: q/k RMSNorm)."""
+    """The tiny model of each supported family (Qwen2: q/k/v biases; Qwen3: q/k RMSNorm; Mixtral: 4 experts, top 2)."""
     if request.param == "llama":
         return request.getfixturevalue("tiny_dir")
     return write_tiny_model(tmp_path_factory.mktemp(request.param) / "model", smollm2_dir, family=request.param)
@@ -199,7 +199,9 @@ def test_sharded_step_equals_single_device(family_dir, kind):
     tokens = _tokens(8, 40, seed=2)  # > 2W, so the linear part of the tk window is exercised
     batch = {"input_ids": jnp.asarray(tokens)[None], "labels": jnp.asarray(tokens)[None]}
     losses = []
-    for mesh in (make_mesh(MeshShape(1, 1, 1), devices=jax.devices()[:1]), make_mesh(MeshShape(1, 4, 2))):
+    moe = LlamaConfig.from_hf_dir(family_dir).is_moe  # experts over 2 devices, rows over fsdp × expert
+    sharded = MeshShape(1, 2, 2, 2) if moe else MeshShape(1, 4, 2)
+    for mesh in (make_mesh(MeshShape(1, 1, 1), devices=jax.devices()[:1]), make_mesh(sharded)):
         with compat.set_mesh(mesh):
             if kind == "distill":
                 model = _load(cfg, mesh)

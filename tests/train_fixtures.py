@@ -12,7 +12,8 @@ TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_atten
 
 
 FAMILY_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
-                  "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}
+                  "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"), "mixtral": ("MixtralConfig", "MixtralForCausalLM")}
+FAMILY_EXTRA = {"mixtral": dict(num_local_experts=4, num_experts_per_tok=2)}
 
 
 def write_tiny_model(out: Path, tokenizer_dir: Path, seed: int = 0, family: str = "llama") -> Path:
@@ -23,7 +24,7 @@ def write_tiny_model(out: Path, tokenizer_dir: Path, seed: int = 0, family: str 
     tok_cfg = json.loads((tokenizer_dir / "config.json").read_text())
     config_cls, model_cls = (getattr(transformers, n) for n in FAMILY_CLASSES[family])
     cfg = config_cls(vocab_size=tok_cfg["vocab_size"], bos_token_id=tok_cfg.get("bos_token_id"),
-                     eos_token_id=tok_cfg.get("eos_token_id"), **TINY)
+                     eos_token_id=tok_cfg.get("eos_token_id"), **TINY, **FAMILY_EXTRA.get(family, {}))
     model = model_cls(cfg).float()
     if family == "qwen2":  # transformers initialises biases to zero: make them matter
         with torch.no_grad():

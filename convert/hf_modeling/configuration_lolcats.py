@@ -11,7 +11,8 @@ linearization is described by one extra JSON object, `lolcats`:
     eps           clamp(min=eps) of every feature;  affine: linear factor 1 - gamma instead of 1
     compat        the original LoLCATS end-aligned terraced masks (and sliding-window decoding)
     layer_kinds   per layer "lolcats" | "softmax" (softmax layers are the base family's own attention)
-    base_model_type  the family linearized: "llama" | "mistral" | "qwen2" (q/k/v biases) | "qwen3" (q/k RMSNorm)
+    base_model_type  the family linearized: "llama" | "mistral" | "qwen2" (q/k/v biases) | "qwen3" (q/k RMSNorm) |
+                  "mixtral" (MoE MLP; `num_local_experts`, `num_experts_per_tok` are top-level fields as in Mixtral)
     lora          how the LoRA adapters were folded in ({"merged": true, "rank", "alpha", "targets"}) or null
 """
 

@@ -33,8 +33,11 @@ Padding is not supported in linearized layers (as in the original): a 2-D attent
 the softmax layers, and a warning is printed.
 
 Base families (`lolcats.base_model_type`): llama and mistral (plain projections), qwen2 (biases on q, k, v), qwen3
-(RMSNorm of q and k over the head dim, before RoPE). Layers kept softmax use transformers' own attention class of the
-family; the rest of the decoder (norms, SwiGLU MLP, RoPE) is the same in all four.
+(RMSNorm of q and k over the head dim, before RoPE), mixtral (plain projections; the MLP is a mixture of experts:
+a router softmax in float32, the top `num_experts_per_tok` of `num_local_experts` SwiGLU experts per token, their
+weights renormalised, stored as Mixtral's `block_sparse_moe.gate` / `experts.{j}.w1,w2,w3`). Layers kept softmax
+use transformers' own attention class of the family; the rest of the decoder (norms, RoPE, the dense SwiGLU MLP of
+the dense families) is the same in all of them.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ import torch
 from torch import nn
 from transformers import LlamaForCausalLM, LlamaModel, LlamaPreTrainedModel
 from transformers.cache_utils import CacheLayerMixin, DynamicLayer
-from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb, repeat_kv
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, apply_rotary_pos_emb, repeat_kv
 
 try:  # transformers >= 5: initialisers that skip weights loaded from the checkpoint
     from transformers import initialization as _init
@@ -59,7 +62,7 @@ from .configuration_lolcats import LolcatsLlamaConfig
 LINEAR_DENOM_EPS = 1e-12
 FORMS, WINDOWS = ("hybrid", "linear"), ("tk", "sw")
 FEATURE_MAPS = ("softmax_dim", "exp_dim", "relu", "pos_elu")
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral")
 
 
 def base_family(config: LolcatsLlamaConfig) -> str:
@@ -426,8 +429,62 @@ class LolcatsLlamaPreTrainedModel(LlamaPreTrainedModel):
             super()._init_weights(module)
 
 
+class LolcatsExpert(nn.Module):
+    """One SwiGLU expert in Mixtral's layout: w2(silu(w1 x) ⊙ w3 x)."""
+
+    def __init__(self, config: LolcatsLlamaConfig):
+        super().__init__()
+        E, M = config.hidden_size, config.intermediate_size
+        self.w1 = nn.Linear(E, M, bias=False)
+        self.w2 = nn.Linear(M, E, bias=False)
+        self.w3 = nn.Linear(E, M, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(nn.functional.silu(self.w1(x)) * self.w3(x))
+
+
+class LolcatsSparseMoe(nn.Module):
+    """Mixtral's mixture-of-experts MLP: p = softmax(gate(h)) in float32, the top k experts per token, weights
+    renormalised over them, y = Σ_k w_k · expert_k(h) accumulated in float32."""
+
+    def __init__(self, config: LolcatsLlamaConfig):
+        super().__init__()
+        self.top_k = int(config.num_experts_per_tok)
+        self.gate = nn.Linear(config.hidden_size, int(config.num_local_experts), bias=False)
+        self.experts = nn.ModuleList(LolcatsExpert(config) for _ in range(int(config.num_local_experts)))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        h = hidden_states.reshape(-1, shape[-1])
+        probs = torch.softmax(self.gate(h).float(), dim=-1)
+        weights, chosen = torch.topk(probs, self.top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        out = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
+        for x, expert in enumerate(self.experts):
+            token, slot = torch.where(chosen == x)
+            if token.numel():
+                out.index_add_(0, token, expert(h[token]).float() * weights[token, slot, None])
+        return out.to(hidden_states.dtype).reshape(shape)
+
+
+class LolcatsMoeDecoderLayer(LlamaDecoderLayer):
+    """A Llama decoder layer whose MLP is `LolcatsSparseMoe`, registered as `block_sparse_moe` (Mixtral's names)."""
+
+    def __init__(self, config: LolcatsLlamaConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        del self._modules["mlp"]  # the dense MLP the base class builds
+        self.block_sparse_moe = LolcatsSparseMoe(config)
+
+    @property
+    def mlp(self) -> LolcatsSparseMoe:  # what the base class's forward calls
+        return self.block_sparse_moe
+
+
 def _linearize_layers(model: LlamaModel, config: LolcatsLlamaConfig) -> None:
     family = base_family(config)
+    if family == "mixtral":
+        for i in range(config.num_hidden_layers):
+            model.layers[i] = LolcatsMoeDecoderLayer(config, i)
     for i, kind in enumerate(config.layer_kinds()):
         if kind == "lolcats":
             model.layers[i].self_attn = LolcatsAttention(config, i)
@@ -450,4 +507,4 @@ class LolcatsLlamaForCausalLM(LolcatsLlamaPreTrainedModel, LlamaForCausalLM):
 
 
 __all__ = ["LolcatsLlamaForCausalLM", "LolcatsLlamaModel", "LolcatsLlamaPreTrainedModel", "LolcatsAttention",
-           "LolcatsCacheLayer", "LolcatsFeatureMap", "LolcatsSettings", "base_family", "key_sets", "lolcats_attend"]
+           "LolcatsCacheLayer", "LolcatsExpert", "LolcatsMoeDecoderLayer", "LolcatsSparseMoe", "LolcatsFeatureMap", "LolcatsSettings", "base_family", "key_sets", "lolcats_attend"]

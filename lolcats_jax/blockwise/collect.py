@@ -7,7 +7,7 @@ The samples are the distill data's packed chunks in a fixed order (train, then v
 writes only its own samples; all processes step through the (same number of) global batches together, a process
 whose range is exhausted feeding padding that nobody writes.
 
-The collect has its own batch size (`block.collect_batch_size`, default: one sequence per data × fsdp device — the
+The collect has its own batch size (`block.collect_batch_size`, default: one sequence per data × fsdp × expert device — the
 training batch size of a block job is 1, which would leave all but one device idle). A batch is split over the
 batch mesh axes like a training batch, every block input comes back with the same split, and each process reads
 only the rows its own devices hold: nothing is gathered to every device.
@@ -98,7 +98,7 @@ def collect_batch_sharding(mesh: jax.sharding.Mesh, batch_size: int) -> NamedSha
 
 
 def collect_batch_size(ctx: RunContext) -> int:
-    """`block.collect_batch_size`, default one sequence per device of the batch axes (data × fsdp); a multiple of the
+    """`block.collect_batch_size`, default one sequence per device of the batch axes (data × fsdp × expert); a multiple of the
     process count."""
     B = ctx.cfg.block.collect_batch_size or math.prod(ctx.mesh.shape[a] for a in BATCH_AXES)
     if B <= 0 or B % ctx.process_count:

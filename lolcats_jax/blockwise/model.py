@@ -20,14 +20,14 @@ import numpy as np
 from flax import nnx
 
 from convert.errors import ConversionError
-from convert.keymap import ParamMap, expected_hf_shapes, layer_table
+from convert.keymap import ParamMap, expected_hf_shapes, layer_param_map, layer_table
 from convert.safetensors_io import FLOAT_DTYPES, SafetensorsDir
 from lolcats_jax import sharding as shd
 from lolcats_jax.blockwise.layout import Block
 from lolcats_jax.config import Config
 from lolcats_jax.errors import UserError
 from lolcats_jax.model.build import model_options
-from lolcats_jax.model.llama import FeatureMapParam, Llama, WindowParam, base_shapes
+from lolcats_jax.model.llama import FeatureMapParam, Llama, WindowParam
 from lolcats_jax.model.llama_config import LlamaConfig
 from lolcats_jax.model.options import ModelOptions, to_dtype
 from lolcats_jax.train.step import path_key
@@ -114,11 +114,9 @@ def load_block_model(cfg: Config, llama_cfg: LlamaConfig, block: Block, mesh: ja
     shardings = dict(nnx.to_flat_state(shd.param_shardings(abs_state, mesh)))
 
     values: dict[tuple, jax.Array] = {}
-    shapes = base_shapes(llama_cfg)
-    for name, (template, layout) in layer_table(llama_cfg).items():
-        names = [template.format(i=i) for i in range(block.start, block.stop)]
-        _check_tensors(files, llama_cfg, names)
-        pm = ParamMap(("layers", name), tuple(names), layout, tuple(shapes[name]), stacked=True)
+    for name in layer_table(llama_cfg):
+        pm = layer_param_map(llama_cfg, name, range(block.start, block.stop))
+        _check_tensors(files, llama_cfg, list(pm.hf_names))
         values[("layers", name)] = _sliced_array(pm, files, shardings[("layers", name)], dtype)
     for path, fill in ((("embed",), 0.0), (("final_norm",), 1.0)):  # unused by a block; filled for completeness
         values[path] = _constant(flat[path].get_value().shape, dtype, fill, shardings[path])

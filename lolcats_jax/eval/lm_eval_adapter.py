@@ -143,8 +143,8 @@ class LolcatsJaxLM(LM):
 
 
 def _mesh_spec(text: str) -> str:
-    """"1x8x1" (data x fsdp x tensor; the harness splits model_args at commas) → "data=1,fsdp=8,tensor=1"."""
+    """"1x8x1" (data x fsdp x tensor [x expert]; the harness splits model_args at commas) → "data=1,fsdp=8,tensor=1"."""
     parts = str(text).lower().split("x")
-    if len(parts) != 3:
-        raise ValueError(f"lolcats_jax model: mesh={text!r} must be DATAxFSDPxTENSOR, e.g. 1x-1x1")
-    return ",".join(f"{name}={size}" for name, size in zip(("data", "fsdp", "tensor"), parts))
+    if len(parts) not in (3, 4):
+        raise ValueError(f"lolcats_jax model: mesh={text!r} must be DATAxFSDPxTENSOR[xEXPERT], e.g. 1x-1x1")
+    return ",".join(f"{name}={size}" for name, size in zip(("data", "fsdp", "tensor", "expert"), parts))

@@ -19,7 +19,7 @@ Exception: LoLCATS layers with the original end-aligned "tk" masks (`attention.c
 position depend on the total length (reference §3.4), so for such models inputs are never padded: rows are
 batched only with inputs of exactly the same length (more compilations, the original's numbers).
 
-Under a mesh (passed in, or the current `jax.set_mesh` context) the rows are sharded over ("data", "fsdp")
+Under a mesh (passed in, or the current `jax.set_mesh` context) the rows are sharded over ("data", "fsdp", "expert")
 like every activation of the model, and the scores come back replicated (readable on every process); otherwise
 everything runs on the default device.
 
@@ -146,7 +146,7 @@ class Scorer:
     def _bucket_shape(self, mesh, batches: list[list[tuple[int, ...]]], by_input, max_rows: int) -> _BucketShape:
         """Rows: a power of two ≤ max_rows (fewer when the bucket holds fewer inputs), then a multiple of the mesh's
         batch axes; scored positions: a power of two (≥ 16) covering the bucket's fullest batch."""
-        multiple = 1 if mesh is None else int(mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1))
+        multiple = 1 if mesh is None else math.prod(int(mesh.shape.get(a, 1)) for a in ("data", "fsdp", "expert"))
         n_inputs = sum(len(b) for b in batches)
         U = -(-min(max_rows, bucket(n_inputs, 1)) // multiple) * multiple
         T = self._padded_length(len(batches[0][0]))

@@ -87,6 +87,10 @@ def attn_out(ctx: LayerContext, p: dict, y_BTHD: jax.Array) -> jax.Array:
 
 def mlp(ctx: LayerContext, p: dict, x_BTE: jax.Array) -> jax.Array:
     h = rms_norm(x_BTE, p["mlp_norm"], ctx.cfg.rms_norm_eps)
+    if ctx.cfg.is_moe:  # Mixtral: routed experts
+        from lolcats_jax.model.moe import moe_mlp
+
+        return moe_mlp(ctx, p, h)
     gate = _proj(ctx, p, "w_gate", "gate", h, "bte", "m")
     up = _proj(ctx, p, "w_up", "up", h, "bte", "m")
     act = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "act_mlp"))

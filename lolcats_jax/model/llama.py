@@ -1,7 +1,7 @@
 """Llama-family decoder in Flax NNX with stacked (scanned) layers and pluggable attention per layer.
 
 Notation: B batch, T tokens, E hidden size, H query heads, K kv heads, D head dim, M MLP hidden, V vocabulary,
-L layers, F feature dim, R LoRA rank.
+L layers, F feature dim, R LoRA rank, X experts (mixture-of-experts models).
 
 Parameter layout (one layout for the whole project; `convert/` maps HF tensors onto it):
 
@@ -15,6 +15,9 @@ Parameter layout (one layout for the whole project; `convert/` maps HF tensors o
     layers.mlp_norm     (L, E)
     layers.w_gate/w_up  (L, E, M)     ("layers", "embed", "mlp")
     layers.w_down       (L, M, E)     ("layers", "mlp", "embed")
+    layers.router       (L, E, X)     ("layers", "embed", None)                       cfg.num_experts only (Mixtral)
+    layers.w_gate/w_up  (L, X, E, M)  ("layers", "expert", "embed", "mlp")            with experts, instead of the above
+    layers.w_down       (L, X, M, E)  ("layers", "expert", "mlp", "embed")
     final_norm          (E,)          ("norm",)
     lm_head             (E, V)        ("embed", "vocab")      absent when embeddings are tied
     lolcats.fmap_q/k    (N, H, D, F)  FeatureMapParam, N = number of linearized layers
@@ -69,7 +72,18 @@ BASE_AXES: dict[str, tuple[str, ...]] = {
     "w_gate": ("embed", "mlp"),
     "w_up": ("embed", "mlp"),
     "w_down": ("mlp", "embed"),
+    "router": ("embed", None),
 }
+
+
+def base_axes(cfg: LlamaConfig, name: str) -> tuple[str | None, ...]:
+    """Logical axes of per-layer base parameter `name` (without "layers"): the MLP weights of a mixture-of-experts
+    model have a leading "expert" axis."""
+    axes = BASE_AXES[name]
+    return ("expert", *axes) if cfg.is_moe and name in EXPERT_PARAMS else axes
+
+
+EXPERT_PARAMS = ("w_gate", "w_up", "w_down")
 
 
 def base_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
@@ -80,14 +94,20 @@ def base_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
         out.update(bq=(H, D), bk=(K, D), bv=(K, D))
     if cfg.qk_norm:
         out.update(q_norm=(D,), k_norm=(D,))
-    out.update(mlp_norm=(E,), w_gate=(E, M), w_up=(E, M), w_down=(M, E))
+    out["mlp_norm"] = (E,)
+    if cfg.is_moe:
+        X = cfg.num_experts
+        out.update(router=(E, X), w_gate=(X, E, M), w_up=(X, E, M), w_down=(X, M, E))
+    else:
+        out.update(w_gate=(E, M), w_up=(E, M), w_down=(M, E))
     return out
 
 
 def lora_shapes(cfg: LlamaConfig, rank: int) -> dict[str, tuple[tuple[int, ...], tuple[str, ...], tuple[int, ...], tuple[str, ...]]]:
-    """target → (A shape, A axes, B shape, B axes), per layer. A is (in, R), B is (R, out...)."""
+    """target → (A shape, A axes, B shape, B axes), per layer. A is (in, R), B is (R, out...); the MLP targets of a
+    mixture-of-experts model have one adapter per expert, (X, in, R) and (X, R, out)."""
     E, H, K, D, M = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
-    return {
+    out = {
         "q": ((E, rank), ("embed", "lora_rank"), (rank, H, D), ("lora_rank", "q_heads", "head_dim")),
         "k": ((E, rank), ("embed", "lora_rank"), (rank, K, D), ("lora_rank", "kv_heads", "head_dim")),
         "v": ((E, rank), ("embed", "lora_rank"), (rank, K, D), ("lora_rank", "kv_heads", "head_dim")),
@@ -96,6 +116,21 @@ def lora_shapes(cfg: LlamaConfig, rank: int) -> dict[str, tuple[tuple[int, ...],
         "up": ((E, rank), ("embed", "lora_rank"), (rank, M), ("lora_rank", "mlp")),
         "down": ((M, rank), ("mlp", "lora_rank"), (rank, E), ("lora_rank", "embed")),
     }
+    if cfg.is_moe:
+        X = cfg.num_experts
+        for t in ("gate", "up", "down"):
+            a_shape, a_axes, b_shape, b_axes = out[t]
+            out[t] = ((X, *a_shape), ("expert", *a_axes), (X, *b_shape), ("expert", *b_axes))
+    return out
+
+
+def lora_fan_in(cfg: LlamaConfig, target: str, a_shape: tuple[int, ...]) -> int:
+    """Input features of one adapted matrix (PEFT's fan-in: per expert for expert MLPs)."""
+    dims = a_shape[1:-1] if cfg.is_moe and target in ("gate", "up", "down") else a_shape[:-1]
+    fan_in = 1
+    for s in dims:
+        fan_in *= s
+    return fan_in
 
 
 class Segment(NamedTuple):
@@ -145,7 +180,7 @@ class Llama(nnx.Module):
                 value = jnp.zeros((L, *shape), pdt)
             else:
                 value = normal(rngs.params(), (L, *shape), pdt)
-            setattr(self.layers, name, nnx.Param(value, axes=("layers", *BASE_AXES[name])))
+            setattr(self.layers, name, nnx.Param(value, axes=("layers", *base_axes(cfg, name))))
         self.final_norm = nnx.Param(jnp.ones((E,), pdt), axes=("norm",))
         if not cfg.tie_embeddings:
             self.lm_head = nnx.Param(normal(rngs.params(), (E, V), pdt), axes=("embed", "vocab"))
@@ -183,12 +218,13 @@ class Llama(nnx.Module):
         for t in lo.targets:
             if t not in LORA_TARGETS:
                 raise ValueError(f"unknown LoRA target {t!r}; expected some of {LORA_TARGETS}")
+        if cfg.is_moe and lo.dropout > 0 and set(lo.targets) & {"gate", "up", "down"}:
+            raise ValueError(f"lora.dropout={lo.dropout} with expert MLP targets {sorted(set(lo.targets) & {'gate', 'up', 'down'})} "
+                             "of a mixture-of-experts model is not supported (use dropout 0 or attention targets)")
         pdt = jnp.float32
         for t in lo.targets:
             a_shape, a_axes, b_shape, b_axes = lora_shapes(cfg, lo.rank)[t]
-            fan_in = 1
-            for s in a_shape[:-1]:
-                fan_in *= s
+            fan_in = lora_fan_in(cfg, t, a_shape)
             bound = 1.0 / jnp.sqrt(fan_in)  # PEFT: kaiming_uniform(a=√5) = U(±1/√fan_in); B = 0
             a = jax.random.uniform(rngs.params(), (cfg.num_layers, *a_shape), pdt, -bound, bound)
             setattr(self.lora, f"{t}_a", LoraParam(a, axes=("layers", *a_axes)))
@@ -310,6 +346,8 @@ __all__ = [
     "segments_of",
     "Segment",
     "BASE_AXES",
+    "EXPERT_PARAMS",
+    "base_axes",
     "base_shapes",
     "lora_shapes",
     "causal_softmax_attention",

@@ -2,9 +2,11 @@
 
 Supported: Llama 3 / 3.1 / 3.2 (incl. `rope_scaling` of type llama3), Mistral (its sliding window is ignored:
 every softmax layer attends causally to all keys, as transformers' eager path does for sequences shorter than the
-window), Qwen2 / Qwen2.5 (biases on q, k, v) and Qwen3 (a per-head RMSNorm on q and k before RoPE). The families
-differ only in those attention options of the one model (`qkv_bias`, `qk_norm`). Anything else — sliding-window
-softmax layers, other rope types, biases elsewhere — is refused with a message naming the field.
+window), Qwen2 / Qwen2.5 (biases on q, k, v), Qwen3 (a per-head RMSNorm on q and k before RoPE) and Mixtral (a
+mixture-of-experts MLP: a softmax router picks the top `num_experts_per_tok` of `num_experts` SwiGLU experts per
+token, weights renormalised over the chosen ones; its sliding window is ignored as Mistral's). The families differ
+only in those options of the one model (`qkv_bias`, `qk_norm`, `num_experts`). Anything else — sliding-window
+softmax layers, other rope types, biases elsewhere, router jitter — is refused with a message naming the field.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ class UnsupportedModelError(ValueError):
     """The checkpoint's architecture is not one this project can convert."""
 
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                 "qwen3": "Qwen3ForCausalLM"}
+                 "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,12 +56,21 @@ class LlamaConfig:
     model_type: str = "llama"
     qkv_bias: bool = False  # Qwen2: q, k, v projections have biases (o has none)
     qk_norm: bool = False  # Qwen3: RMSNorm over head_dim of q and k (one scale per dim), before RoPE
+    num_experts: int = 0  # Mixtral: experts per MoE MLP (0: the dense SwiGLU MLP); intermediate_size is per expert
+    num_experts_per_tok: int = 2  # experts each token is routed to (MoE only)
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"model_type={self.model_type!r} must be one of {SUPPORTED_MODEL_TYPES}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.num_experts and not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} must be within 1..num_experts="
+                             f"{self.num_experts}")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
 
     @property
     def group_size(self) -> int:
@@ -67,7 +78,8 @@ class LlamaConfig:
 
     def num_params(self) -> int:
         e, h, k, d, m, v = self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim, self.intermediate_size, self.vocab_size
-        per_layer = 2 * e + e * (h + 2 * k) * d + h * d * e + 3 * e * m
+        experts = max(self.num_experts, 1)
+        per_layer = 2 * e + e * (h + 2 * k) * d + h * d * e + 3 * e * m * experts + e * self.num_experts
         per_layer += (h + 2 * k) * d * self.qkv_bias + 2 * d * self.qk_norm
         return v * e * (1 if self.tie_embeddings else 2) + self.num_layers * per_layer + e
 
@@ -79,7 +91,7 @@ class LlamaConfig:
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise UnsupportedModelError(
                 f"{source}: model_type={model_type!r} is not supported; expected one of {SUPPORTED_MODEL_TYPES} "
-                "(Llama 3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3)"
+                "(Llama 3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3, Mixtral)"
             )
         archs = cfg.get("architectures") or []
         for arch in archs:
@@ -98,6 +110,13 @@ class LlamaConfig:
             if kinds != {"full_attention"}:
                 raise UnsupportedModelError(f"{source}: layer_types={sorted(kinds)} is not supported (only "
                                             "'full_attention' layers)")
+        if model_type == "mixtral":
+            if cfg.get("router_jitter_noise"):
+                raise UnsupportedModelError(f"{source}: router_jitter_noise={cfg['router_jitter_noise']} is not "
+                                            "supported (the router is frozen; expected 0)")
+            for key in ("num_local_experts", "num_experts_per_tok"):
+                if not isinstance(cfg.get(key, 1), int) or cfg.get(key, 1) < 1:
+                    raise UnsupportedModelError(f"{source}: {key}={cfg.get(key)!r} must be a positive integer")
         act = cfg.get("hidden_act", "silu")
         if act != "silu":
             raise UnsupportedModelError(f"{source}: hidden_act={act!r} is not supported (expected 'silu')")
@@ -146,6 +165,8 @@ class LlamaConfig:
             model_type=model_type,
             qkv_bias=model_type == "qwen2",
             qk_norm=model_type == "qwen3",
+            num_experts=int(cfg.get("num_local_experts", 8)) if model_type == "mixtral" else 0,
+            num_experts_per_tok=int(cfg.get("num_experts_per_tok", 2)) if model_type == "mixtral" else 2,
         )
 
     @classmethod
@@ -185,6 +206,10 @@ class LlamaConfig:
             del out["mlp_bias"]
             if self.model_type == "qwen2":
                 del out["attention_bias"]  # Qwen2 always has q/k/v biases; the field does not exist
+        if self.model_type == "mixtral":
+            del out["attention_bias"], out["mlp_bias"]
+            out.update(num_local_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok,
+                       sliding_window=None, router_jitter_noise=0.0, output_router_logits=False)
         if self.rope_scaling is not None:
             out["rope_scaling"] = {"rope_type": "llama3", **dataclasses.asdict(self.rope_scaling)}
         for key in ("bos_token_id", "pad_token_id"):

@@ -25,7 +25,6 @@ from lolcats_jax.config import Config, dump_config, load_config
 from lolcats_jax.errors import UserError
 from lolcats_jax.fsio import write_json_atomic, write_text_atomic
 from lolcats_jax.rehearse import checks, fixtures, launch, shrink
-from lolcats_jax.sharding import MeshShape
 
 # Cluster layout vs one device, fp32. The layouts add the same numbers in another order (sharded matmuls, batch
 # sums across devices), so results agree to rounding — the logged losses, smooth in the weights, to ~1e-5 (held to
@@ -66,7 +65,7 @@ def job_plan(cfg: Config, processes: int, devices: int, block_workers: int, num_
         bounds = [num_blocks * w // workers for w in range(workers + 1)]
         waves.append([
             launch.Job(f"distill_block[{lo}-{hi - 1}]",
-                       ("--stage", "distill_block", f"block.index={lo}-{hi - 1}", "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"),
+                       ("--stage", "distill_block", f"block.index={lo}-{hi - 1}", "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1", "mesh.expert=1"),
                        ("distill_block",), 1, 1)
             for lo, hi in zip(bounds[:-1], bounds[1:])
         ])
@@ -101,7 +100,7 @@ class Rehearsal:
         shipped = load_config(self.config)
         total = self.processes * self.devices
         try:
-            MeshShape(shipped.mesh.data, shipped.mesh.fsdp, shipped.mesh.tensor).resolve(total)
+            shipped.mesh.shape().resolve(total)
         except ValueError as e:
             raise UserError(f"{self.config}: the mesh does not fit {self.processes} × {self.devices} devices ({e})") from None
         arch = _architecture(shipped, self.config)
@@ -170,7 +169,7 @@ class Rehearsal:
         # the reference: every stage in one process on one device
         ref_dir = self.out / "runs" / "reference"
         trained = tuple(s for s in cfg.run.stages if s in TRAINING_STAGES)  # what the parameters are compared after
-        ref_job = launch.Job("reference", (f"run.dir={ref_dir}", "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1", "block.index=all",
+        ref_job = launch.Job("reference", (f"run.dir={ref_dir}", "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1", "mesh.expert=1", "block.index=all",
                                            f"block.store={self.out / 'block_inputs' / 'reference'}",
                                            f"run.stages=[{','.join(trained)}]"), trained, 1, 1)
         t = time.perf_counter()
@@ -229,7 +228,7 @@ class Rehearsal:
         if exp["max_rel"] > EXPORT_RTOL:
             failures.append(f"exported HF logits differ from the JAX model by {exp['max_rel']:.2e} > {EXPORT_RTOL}")
         total = self.processes * self.devices
-        mesh = f"data={cfg.mesh.data},fsdp={cfg.mesh.fsdp},tensor={cfg.mesh.tensor}"
+        mesh = f"data={cfg.mesh.data},fsdp={cfg.mesh.fsdp},tensor={cfg.mesh.tensor},expert={cfg.mesh.expert}"
         report["inference"] = {}
         for name, cmd in (
             ("generate", ["-m", "lolcats_jax.generate", "--model", str(run_dir), "--prompt", "To be, or not", "--max-new-tokens", "4", "--mesh", mesh]),

@@ -5,7 +5,7 @@ runs can be compared: every linearized layer is teacher-forced (it receives the 
 the MSE between its hybrid-attention output and the softmax attention output (per head, before o_proj) is
 averaged over tokens, heads and dimensions; reported per layer and as the mean over layers (no `mse_factor`).
 Batches: the first `evaluate.attention_mse_batches` validation batches of `distill.batch_size` chunks, in order —
-with several processes rounded up to a multiple of the data × fsdp devices, so that every process has rows (the
+with several processes rounded up to a multiple of the data × fsdp × expert devices, so that every process has rows (the
 block-wise configs train with batches of one sequence, but evaluate on several hosts).
 """
 
@@ -35,7 +35,7 @@ def attention_mse(ctx, model: Llama) -> dict:
         raise UserError("evaluate.attention_mse_batches > 0 needs distill.data.validation (or distill.data.val_size)")
     P = ctx.process_count
     global_batch = d.batch_size
-    if P > 1:  # several processes feed their own rows: a multiple of the data × fsdp devices (see train.step.batch_axes)
+    if P > 1:  # several processes feed their own rows: a multiple of the data × fsdp × expert devices (see train.step.batch_axes)
         dp = math.prod(ctx.mesh.shape[a] for a in BATCH_AXES)
         global_batch = -(-d.batch_size // dp) * dp
     local = global_batch // P

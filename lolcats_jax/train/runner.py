@@ -15,7 +15,7 @@ from lolcats_jax.config import Config
 from lolcats_jax.errors import UserError
 from lolcats_jax.fsio import write_json_atomic
 from lolcats_jax.model.llama_config import LlamaConfig
-from lolcats_jax.sharding import MeshShape, make_mesh
+from lolcats_jax.sharding import make_mesh
 from lolcats_jax.train.run_dir import prepare_run_dir
 from lolcats_jax.train.stages import RunContext, clear_done, mark_done, run_distill, run_finetune, stage_done
 
@@ -33,7 +33,7 @@ def build_context(cfg: Config) -> RunContext:
     from lolcats_jax.tokenizer import load_tokenizer
 
     llama_cfg = LlamaConfig.from_hf_dir(cfg.model.path)
-    mesh = make_mesh(MeshShape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
+    mesh = make_mesh(cfg.mesh.shape())
     tok_path = cfg.distill.data.tokenizer or cfg.model.path
     return RunContext(
         cfg=cfg, run_dir=Path(cfg.run.dir), mesh=mesh, llama_cfg=llama_cfg, tokenizer=load_tokenizer(tok_path),

@@ -10,6 +10,7 @@ LoRA dropout: micro-batch i uses fold_in(key, i); evaluation never drops out.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from typing import Any, Callable
 
@@ -66,24 +67,25 @@ def count_params(tree) -> int:
     return int(sum(x.size for x in jax.tree.leaves(tree)))
 
 
-BATCH_AXES = ("data", "fsdp")  # the mesh axes a batch's sequences are split over
+BATCH_AXES = ("data", "fsdp", "expert")  # the mesh axes a batch's sequences are split over (the "batch" rule)
 
 
 def batch_axes(mesh: jax.sharding.Mesh, batch_size: int | None) -> tuple[str, ...]:
-    """The mesh axes to split `batch_size` sequences over: ("data", "fsdp") when the batch divides them; in a
-    single-process run it degrades to the largest of ("data",), ("fsdp",), () that divides (e.g. the 8B recipe's
-    batch of 1 on an 8-GPU box: every device computes the sample, nothing fails). Several processes each feed their
-    own rows, so there the batch must divide data × fsdp."""
+    """The mesh axes to split `batch_size` sequences over: ("data", "fsdp", "expert") when the batch divides them; in
+    a single-process run it degrades to the largest sub-tuple that divides (e.g. the 8B recipe's batch of 1 on an
+    8-GPU box: every device computes the sample, nothing fails). Several processes each feed their own rows, so
+    there the batch must divide data × fsdp × expert."""
     if batch_size is None:
         return BATCH_AXES
-    candidates = [BATCH_AXES] if jax.process_count() > 1 else [BATCH_AXES, ("data",), ("fsdp",), ()]
+    subsets = [c for r in range(len(BATCH_AXES), -1, -1) for c in itertools.combinations(BATCH_AXES, r)]
+    candidates = [BATCH_AXES] if jax.process_count() > 1 else subsets
     size = lambda axes: math.prod(mesh.shape[a] for a in axes)
     fits = [axes for axes in candidates if batch_size % size(axes) == 0]
     if fits:
-        return max(fits, key=size)  # the most devices sharing the work (the first of equals)
-    raise UserError(f"a batch of {batch_size} sequences cannot be split over data × fsdp = "
-                    f"{mesh.shape['data']} × {mesh.shape['fsdp']} devices of {jax.process_count()} processes: "
-                    "make the batch size a multiple of data × fsdp")
+        return max(fits, key=lambda axes: (size(axes), -len(axes)))  # most devices sharing the work, fewest axes
+    raise UserError(f"a batch of {batch_size} sequences cannot be split over data × fsdp × expert = "
+                    f"{' × '.join(str(mesh.shape[a]) for a in BATCH_AXES)} devices of {jax.process_count()} "
+                    "processes: make the batch size a multiple of data × fsdp × expert")
 
 
 def batch_sharding(mesh: jax.sharding.Mesh, accumulate: bool, batch_size: int | None = None) -> NamedSharding:
