@@ -110,6 +110,9 @@ def activation_bytes(cfg: Config, lc: LlamaConfig, mesh, stage: str, global_batc
     saved_inputs = L * B * T * E * cdt if cfg.model.remat else 0
     qkv = B * T * (Hs + 2 * Ks + 2 * Hs) * D * cdt  # q, k, v, repeated k/v
     mlp = B * T * 3 * Ms * cdt
+    if lc.is_moe:  # rows gathered over the expert group, K (token, expert) rows each, f32 combine and router probs
+        Ng, X = B * T * mesh.shape["expert"], lc.num_experts
+        mlp = Ng * lc.num_experts_per_tok * (E * cdt + 3 * Ms * cdt + E * 4) + Ng * E * 4 + B * T * X * 4
     teacher_scores = B * Hs * T * T * 4  # the softmax teacher's fp32 score matrix
     feats = B * T * Hs * 2 * (2 * cfg.attention.feature_dim) * 4
     layer_peak = 2 * (qkv + mlp + feats) + teacher_scores  # forward + backward of one layer

@@ -130,10 +130,11 @@ def test_full_recipe_and_stage_skipping(tiny, tmp_path):
     assert res2.returncode == 0 and res2.stderr.count("already finished") == 4, res2.stderr[-2000:]
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mixtral"])
 def test_family_recipe_end_to_end(tmp_path, smollm2_dir, family):
-    """Qwen2 / Qwen3 through the recipe: distill → finetune → export, and transformers loads the export with logits
-    equal to the run's JAX model."""
+    """Qwen2 / Qwen3 / Mixtral through the recipe: distill → finetune → export, and transformers loads the export
+    with logits equal to the run's JAX model. Mixtral runs on 2 devices with its experts split over `expert` (rows
+    over the expert group) and LoRA on every expert's gate / up / down as well."""
     import torch
     import transformers
 
@@ -146,10 +147,16 @@ def test_family_recipe_end_to_end(tmp_path, smollm2_dir, family):
     over = tiny_overrides(model_dir, data_dir, run_dir) + [
         "run.stages=[distill,finetune,export]", "distill.max_steps=2", "distill.eval_every=2", "finetune.max_steps=2",
         "attention.softmax_layers=[1]"]
-    res = subprocess.run(_train_cmd(over), env=_env(), cwd=REPO, capture_output=True, text=True)
+    env = _env()
+    if family == "mixtral":
+        over += ["mesh.fsdp=1", "mesh.expert=2", "finetune.lora.targets=[q,k,v,o,gate,up,down]"]
+        env = _env({"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    res = subprocess.run(_train_cmd(over), env=env, cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
     model, _ = load_run_model(run_dir)
     assert model.cfg.model_type == family and model.kinds == ("lolcats", "softmax", "lolcats")
+    if family == "mixtral":
+        assert model.cfg.num_experts == 4 and "gate" in model.opts.lora.targets
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(run_dir / "export" / "hf"), trust_remote_code=True,
                                                            local_files_only=True, dtype=torch.float32).eval()
     toks = np.random.default_rng(0).integers(0, model.cfg.vocab_size, (2, 19))
