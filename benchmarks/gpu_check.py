@@ -1,12 +1,14 @@
 """The GPU check of the LoLCATS attention kernels (run by benchmarks/gpu_check.sh on a machine with an NVIDIA GPU).
 
-Three stages, each guarded (a failure is recorded and the next stage still runs), all written under --out:
+Four stages, each guarded (a failure is recorded and the next stage still runs), all written under --out:
   1. correctness: Pallas, Triton (forward; Pallas backward) and chunked backends vs the quadratic reference
      (float32 at "highest" matmul precision as ground truth): outputs and gradients wrt q, k, v, wq, wk, (bq, bk), θ
      with a random cotangent; sw / tk / linear, float32 and bfloat16, T not a multiple of the chunk, T = 1, T < W,
      several segments, a long case (T = 4096)  → correctness.md / .json
   2. tuning: Pallas hybrid-tk at T = 8192 (B=1, H=32, D=128, F=64, bf16) for a few PallasConfig variants → tuning.md
-  3. benchmark: `lolcats_jax.bench.attention` with GPU defaults, 8K first, under a time limit → attention_gpu.md/.json
+  3. moe: Mixtral's grouped expert dispatch vs its dense definition, and one Mixtral-8x7B layer's experts timed
+     (grouped GEMMs vs the dense all-expert product) → moe.md / .json (benchmarks/moe_check.py)
+  4. benchmark: `lolcats_jax.bench.attention` with GPU defaults, 8K first, under a time limit → attention_gpu.md/.json
 Shapes: B batch, T tokens, H heads, D head dim, F feature dim (F' = 2F), W window (see kernels/lolcats/spec.py).
 """
 
@@ -191,7 +193,7 @@ def main(argv=None) -> int:
     parser.add_argument("--correctness-seconds", type=float, default=120.0)
     parser.add_argument("--tuning-seconds", type=float, default=60.0)
     parser.add_argument("--bench-seconds", type=float, default=240.0)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["correctness", "tuning", "bench"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["correctness", "tuning", "bench", "moe"])
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes + interpret mode, to test this script")
     args = parser.parse_args(argv)
     global SMOKE
@@ -213,6 +215,7 @@ def main(argv=None) -> int:
     status, ok = {}, True
     for stage, fn in (("correctness", lambda: correctness(args.out, args.correctness_seconds)),
                       ("tuning", lambda: tuning(args.out, args.tuning_seconds)),
+                      ("moe", lambda: _moe(args.out)),
                       ("bench", lambda: _bench(args.out, args.bench_seconds))):
         if stage in args.skip:
             continue
@@ -228,6 +231,12 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "status.json"), "w") as f:
         json.dump(status, f, indent=1)
     return 0 if ok else 1
+
+
+def _moe(out_dir: str) -> bool:
+    from moe_check import moe_stage
+
+    return moe_stage(out_dir, SMOKE)
 
 
 BENCH_ROWS = ["tk pallas", "linear pallas", "softmax cudnn", "tk triton", "tk chunked", "linear chunked",
