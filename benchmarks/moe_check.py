@@ -4,8 +4,11 @@
   correctness  outputs and input gradients of the grouped dispatch vs a dense definition (every expert on every
                token, masked combine) in float32 at "highest" precision, float32 and bfloat16
   timing       one Mixtral-8x7B layer's experts (E=4096, M=14336, X=8, top 2) on N tokens, forward and
-               forward+backward: grouped dispatch vs the dense all-expert product; TFLOP/s on the useful FLOPs
-               (2·N·K·3·E·M forward) → moe.md / moe.json
+               forward+backward: grouped dispatch vs the dense all-expert product, and the grouped dispatch of
+               one device of an expert-4 mesh (2 local experts: the rows routed elsewhere sort after the local
+               groups — this row shows whether the grouped GEMM skips them, i.e. costs ~1/4 of all-local);
+               TFLOP/s on the useful FLOPs (2·N·K·3·E·M forward, the local share for the last row)
+               → moe.md / moe.json
 Notation: N tokens, E hidden, M expert MLP hidden, X experts, K experts per token.
 """
 
@@ -89,12 +92,18 @@ def timing(smoke: bool, N: int = 4096) -> list[dict]:
     N = 128 if smoke else N
     h, idx, w, wg, wu, wd = _inputs(N, E, M, X, K, dtype)
     useful = 2 * N * K * 3 * E * M
+    share = X // 4  # a device of an expert-4 mesh holds experts [0, X/4): the others' rows are in the sort tail
+
+    def one_device_of_four(h_, idx_, w_, wg_, wu_, wd_):
+        return experts_local(h_, idx_, w_, {"w_gate": wg_[:share], "w_up": wu_[:share], "w_down": wd_[:share]}, 0)
+
     rows = []
-    for name, impl in (("grouped (ragged_dot)", _grouped), ("dense all experts", dense_experts)):
+    for name, impl, frac in (("grouped (ragged_dot)", _grouped, 1.0), ("dense all experts", dense_experts, 1.0),
+                             (f"grouped, {share} of {X} experts local", one_device_of_four, share / X)):
         fwd = jax.jit(lambda h_, impl=impl: impl(h_, idx, w, wg, wu, wd))
         fwd_bwd = jax.jit(jax.grad(lambda h_, impl=impl: jnp.sum(impl(h_, idx, w, wg, wu, wd))))
         row = {"impl": name, "N": N, "E": E, "M": M, "X": X, "K": K, "dtype": jnp.dtype(dtype).name}
-        for mode, fn, flops in (("fwd", fwd, useful), ("fwd+bwd", fwd_bwd, 3 * useful)):
+        for mode, fn, flops in (("fwd", fwd, useful * frac), ("fwd+bwd", fwd_bwd, 3 * useful * frac)):
             try:
                 s = _time(fn, (h,), reps=3 if smoke else 10)
                 row[f"{mode}_ms"], row[f"{mode}_tflops"] = s * 1e3, flops / s / 1e12
