@@ -31,7 +31,7 @@ def test_evaluate_on_a_mesh_equals_one_device(tiny, tmp_path):
         assert run_main(main, ["--model", str(model), "--task-file", str(task), "--perplexity", str(data / "heldout.txt"),
                                "--ppl-chunk-len", "64", "--ppl-max-tokens", "256", "--out", str(path), *mesh]) == 0
         out[name] = json.loads(path.read_text())
-    assert out["mesh"]["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1} and out["one"]["mesh"] is None
+    assert out["mesh"]["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1, "expert": 1} and out["one"]["mesh"] is None
     a, b = out["one"]["perplexity"], out["mesh"]["perplexity"]
     assert a["n_tokens"] == b["n_tokens"] == 255 and abs(a["nll_per_token"] - b["nll_per_token"]) < 1e-5
     ta, tb = out["one"]["tasks"]["task"], out["mesh"]["tasks"]["task"]
