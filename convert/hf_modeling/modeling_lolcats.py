@@ -414,6 +414,7 @@ def _warn_if_padded(attention_mask) -> None:
 
 class LolcatsLlamaPreTrainedModel(LlamaPreTrainedModel):
     config_class = LolcatsLlamaConfig
+    _no_split_modules = ["LlamaDecoderLayer", "LolcatsMoeDecoderLayer"]  # device_map="auto" keeps a layer whole
     _keep_in_fp32_modules_strict = ["feature_map_q", "feature_map_k", "window_factors"]
     _supports_flex_attn = False
     _can_compile_fullgraph = False
