@@ -51,6 +51,20 @@ def test_query_blocks_equal_the_dense_teacher():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
+def test_causal_blocks_at_training_lengths_equal_numpy():
+    """T ≤ DENSE_MAX_T (the distill teacher): causal query blocks of 128 (the last one partial at T = 300) with
+    unnormalised weights equal a float64 numpy softmax; gradients equal the query-blocked form's."""
+    q, k, v = _inputs(B=2, T=300, H=6, K=2, D=16, seed=1)
+    y = sa.causal_softmax_attention(q, k, v)
+    np.testing.assert_allclose(np.asarray(y), _numpy_teacher(q, k, v), rtol=1e-4, atol=1e-5)
+    loss = lambda fn, q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))  # noqa: E731
+    g = jax.grad(functools.partial(loss, sa.causal_softmax_attention), argnums=(0, 1, 2))(q, k, v)
+    g_ref = jax.grad(functools.partial(loss, functools.partial(sa.causal_softmax_attention, query_block=64)),
+                     argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(g, g_ref):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
 def test_long_sequences_take_the_blocked_path():
     q, k, v = _inputs(B=1, T=sa.DENSE_MAX_T + 3, H=2, K=1, D=8)
     text = jax.jit(sa.causal_softmax_attention).lower(q, k, v).as_text()

@@ -47,6 +47,7 @@ class _Static:
 
     chunk: int
     has_window: bool
+    has_linear_span: bool  # some linear pair inside a span (False e.g. for tk with C = W: the span is all window)
     den_eps: float
     win_CS: tuple  # (C, 2C) bool masks as nested tuples (hashable)
     lin_CS: tuple
@@ -63,7 +64,8 @@ def _make_static(spec: LolcatsSpec) -> _Static:
     win, lin = key_sets(i, j, 2 * C, spec)
     win, lin = np.broadcast_to(win, (C, 2 * C)), np.broadcast_to(lin, (C, 2 * C))
     eps = LINEAR_DENOM_EPS if spec.form == "linear" else 0.0
-    return _Static(C, spec.form == "hybrid", eps, tuple(map(tuple, win.tolist())), tuple(map(tuple, lin.tolist())))
+    return _Static(C, spec.form == "hybrid", bool(lin.any()), eps, tuple(map(tuple, win.tolist())),
+                   tuple(map(tuple, lin.tolist())))
 
 
 def _span_masks(st: _Static, n) -> tuple[Array, Array]:
@@ -77,14 +79,14 @@ def _span_weights(st: _Static, n, q, k_span, fq, fk_span, g, l):
     """Span weights of query chunk n: P, the parts E (masked e^{s−c}) and L (masked f_q·f_k), the window logits
     s_win and max c, and the (window, linear) masks — the last four for the backward. g, l are (1, H, 1, 1)."""
     win, lin = _span_masks(st, n)
-    L = jnp.where(lin, jnp.einsum("bhif,bhjf->bhij", fq, fk_span), 0.0)
+    L = jnp.where(lin, jnp.einsum("bhif,bhjf->bhij", fq, fk_span), 0.0) if st.has_linear_span else None
     if not st.has_window:
         return l * L, None, L, None, None, (win, lin)
     scale = 1.0 / np.sqrt(q.shape[-1])
     s_win = jnp.where(win, jnp.einsum("bhid,bhjd->bhij", q, k_span) * scale, -jnp.inf)
     c = jnp.max(s_win, axis=-1, keepdims=True)  # finite: the diagonal is always a window key
     E = jnp.where(win, jnp.exp(s_win - c), 0.0)
-    return g * E + l * L, E, L, s_win, c, (win, lin)
+    return (g * E if L is None else g * E + l * L), E, L, s_win, c, (win, lin)
 
 
 def _state_update(S, z, fk, v):
@@ -143,12 +145,15 @@ def _core_bwd(st, res, dy):
         dv_span = jnp.einsum("bhij,bhid->bhjd", P, dnum_n)
         fqS = jnp.einsum("bhif,bhfd->bhid", fq_n, S)
         fqz = jnp.einsum("bhif,bhf->bhi", fq_n, z)
-        dl = dl + jnp.einsum("bhij,bhij->h", dP, L) + jnp.einsum("bhid,bhid->h", fqS, dnum_n) \
-            + jnp.einsum("bhi,bhi->h", dden_n, fqz)
-        dL = jnp.where(lin, l * dP, 0.0)
-        dfq = jnp.einsum("bhij,bhjf->bhif", dL, fk_span) \
-            + l * (jnp.einsum("bhid,bhfd->bhif", dnum_n, S) + dden_n[..., None] * z[:, :, None, :])
-        dfk_span = jnp.einsum("bhij,bhif->bhjf", dL, fq_n)
+        dl = dl + jnp.einsum("bhid,bhid->h", fqS, dnum_n) + jnp.einsum("bhi,bhi->h", dden_n, fqz)
+        dfq = l * (jnp.einsum("bhid,bhfd->bhif", dnum_n, S) + dden_n[..., None] * z[:, :, None, :])
+        if st.has_linear_span:
+            dl = dl + jnp.einsum("bhij,bhij->h", dP, L)
+            dL = jnp.where(lin, l * dP, 0.0)
+            dfq = dfq + jnp.einsum("bhij,bhjf->bhif", dL, fk_span)
+            dfk_span = jnp.einsum("bhij,bhif->bhjf", dL, fq_n)
+        else:  # no linear pair in the span: its keys' features get gradient only through the states
+            dfk_span = jnp.zeros_like(fk_span)
         if st.has_window:
             dg = dg + jnp.einsum("bhij,bhij->h", dP, E)
             t = jnp.where(win, g * dP * E, 0.0)  # d/ds of e^{s−c} at fixed c

@@ -3,6 +3,7 @@
     python -m lolcats_jax.bench attention [--device cpu|gpu] [--out FILE] [--lengths ...]
     python -m lolcats_jax.bench generate --model RUN_DIR [--teacher HF_DIR] [--lengths ...] [--out FILE]
     python -m lolcats_jax.bench generate --model HF_DIR --linearize ...   (fresh feature maps: speed/memory only)
+    python -m lolcats_jax.bench train --config configs/X.yaml [--model HF_DIR] [--stages ...] [--lengths ...]
 """
 
 from __future__ import annotations
@@ -50,6 +51,25 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from lolcats_jax.bench import train
+    from lolcats_jax.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    device = "gpu" if jax.default_backend() == "gpu" else "cpu"
+    d = train.DEFAULTS[device]
+    cells = []
+    for stage in args.stages:
+        sec = cfg.distill if stage == "distill" else cfg.finetune
+        for T in args.lengths or d["lengths"]:
+            cells.append(train.Cell(stage, T, args.batch or sec.batch_size, args.accum or sec.optim.grad_accum))
+    result = train.run(cfg, args.model or cfg.model.path, cells, args.reps or d["reps"], max_seconds=args.max_seconds)
+    print(train.to_markdown(result))
+    if args.out:
+        train.write(result, args.out)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lolcats_jax.bench")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -79,9 +99,24 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: bfloat16 on GPU, float32 on CPU")
     g.add_argument("--max-seconds", dest="max_seconds", type=float, help="stop starting new cells after this long")
     g.add_argument("--out", help="write FILE.md and FILE.json (FILE may end in .md)")
+    t = sub.add_parser("train", help="distill / finetune train-step tokens/s and compiled memory vs sequence length")
+    t.add_argument("--config", required=True, help="recipe config (model options, loss, optimizer, mesh)")
+    t.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
+    t.add_argument("--model", help="HF directory (default: the config's model.path)")
+    t.add_argument("--stages", nargs="+", default=list(("distill", "finetune")), choices=["distill", "finetune"])
+    t.add_argument("--lengths", type=int, nargs="+", help="sequence lengths T (default: 256 1024 on CPU)")
+    t.add_argument("--batch", type=int, help="sequences per micro-batch (default: the stage's batch_size)")
+    t.add_argument("--accum", type=int, help="micro-batches per step (default: the stage's grad_accum)")
+    t.add_argument("--reps", type=int, help="timed steps per cell (median reported)")
+    t.add_argument("--max-seconds", dest="max_seconds", type=float, help="stop starting new cells after this long")
+    t.add_argument("--out", help="write FILE.md and FILE.json (FILE may end in .md)")
     args = parser.parse_args(argv)
     if args.command == "attention":
         return _attention(args)
+    if args.command == "train":
+        from lolcats_jax.cli import run_main
+
+        return run_main(lambda _argv: _train(args), [])
     if args.command == "generate":
         from lolcats_jax.cli import run_main
 

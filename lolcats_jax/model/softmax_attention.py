@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 NEG_INF = -1e30
 
@@ -20,8 +21,9 @@ def causal_softmax_attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.A
                              *, query_block: int | None = None) -> jax.Array:
     """y_i = softmax_j≤i(q_i·k_j/√D) v_j over all earlier keys (T == S, positions 0..T-1); float32 softmax.
 
-    T ≤ DENSE_MAX_T: one (T, T) map per head. Longer: on GPU with bf16/f16 inputs `jax.nn.dot_product_attention`
-    (cuDNN flash attention, grouped heads, float32 accumulation); otherwise exact softmax over blocks of
+    T ≤ DENSE_MAX_T: causal blocks of queries with unnormalised weights (`_dense_causal`). Longer: on GPU with
+    bf16/f16 inputs `jax.nn.dot_product_attention` (cuDNN flash attention, grouped heads, float32 accumulation);
+    otherwise exact softmax over blocks of
     `query_block` queries (each block against all keys, rematerialised in the backward pass), so memory grows as
     block × T, not T × T."""
     T = q_BTHD.shape[1]
@@ -35,16 +37,31 @@ def causal_softmax_attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.A
     return _query_blocked_causal(q_BTHD, k_BSKD, v_BSKD, int(query_block))
 
 
-def _dense_causal(q_BTHD, k_BSKD, v_BSKD):
+CAUSAL_BLOCK = 128  # query rows per block of the T ≤ DENSE_MAX_T path
+
+
+def _dense_causal(q_BTHD, k_BSKD, v_BSKD, block: int = CAUSAL_BLOCK):
+    """Exact causal softmax, one block of `block` queries at a time (unrolled: T ≤ DENSE_MAX_T), each block against
+    only the keys up to its last query — the causal upper triangle beyond the block is never computed (about half
+    the exp / dot work of one masked (T, T) map at T = 1024). The weights are not normalised: y = (Σ e_ij v_j) / Σ e_ij
+    with e_ij = exp(s_ij − max_j s_ij), so the division runs over (T, D) values, not the (T, T) map. The row max is a
+    constant of the softmax (its gradient is exactly zero), hence `stop_gradient`."""
     B, T, H, D = q_BTHD.shape
     K = k_BSKD.shape[2]
     G = H // K
-    q = q_BTHD.reshape(B, T, K, G, D).astype(jnp.float32)
-    scores_BKGTS = jnp.einsum("btkgd,bskd->bkgts", q, k_BSKD.astype(jnp.float32)) / jnp.sqrt(jnp.float32(D))
-    causal_TS = jnp.tril(jnp.ones((T, T), dtype=bool))
-    scores_BKGTS = jnp.where(causal_TS, scores_BKGTS, NEG_INF)
-    probs = jax.nn.softmax(scores_BKGTS, axis=-1)
-    y = jnp.einsum("bkgts,bskd->btkgd", probs, v_BSKD.astype(jnp.float32))
+    q = q_BTHD.reshape(B, T, K, G, D).astype(jnp.float32) * (1.0 / np.sqrt(D))
+    k, v = k_BSKD.astype(jnp.float32), v_BSKD.astype(jnp.float32)
+    out = []
+    for start in range(0, T, block):
+        stop = min(start + block, T)
+        s_BKGts = jnp.einsum("btkgd,bskd->bkgts", q[:, start:stop], k[:, :stop])
+        causal_ts = np.arange(stop)[None, :] <= np.arange(start, stop)[:, None]
+        s_BKGts = jnp.where(causal_ts, s_BKGts, NEG_INF)
+        e = jnp.exp(s_BKGts - jax.lax.stop_gradient(jnp.max(s_BKGts, axis=-1, keepdims=True)))
+        num = jnp.einsum("bkgts,bskd->btkgd", e, v[:, :stop])
+        den = jnp.einsum("bkgts->btkg", e)
+        out.append(num / den[..., None])
+    y = out[0] if len(out) == 1 else jnp.concatenate(out, axis=1)
     return y.reshape(B, T, H, D).astype(q_BTHD.dtype)
 
 

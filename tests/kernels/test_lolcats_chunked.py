@@ -95,6 +95,16 @@ def test_chunked_backward_memory_is_linear_in_T():
     assert ref_large / ref_small > 10.0 and large < ref_large / 5, (ref_small, ref_large, large)
 
 
+def test_spans_without_linear_pairs_skip_the_linear_terms():
+    """tk with C = W: a span (chunks n−1, n) is all window, so the span's linear products are skipped (the cases above
+    with C = W check that branch against the reference); C = 2W and sw spans hold linear pairs."""
+    from kernels.lolcats.chunked import _make_static
+
+    assert not _make_static(LolcatsSpec(window="tk", window_size=4, chunk_size=4)).has_linear_span
+    assert _make_static(LolcatsSpec(window="tk", window_size=4, chunk_size=8)).has_linear_span
+    assert _make_static(LolcatsSpec(window="sw", window_size=3, chunk_size=5)).has_linear_span
+
+
 def test_api_dispatch_and_errors():
     spec = LolcatsSpec(window_size=4, chunk_size=4)
     assert resolve_backend(Backend.AUTO, spec) is Backend.CHUNKED  # CPU default
