@@ -210,6 +210,22 @@ def test_every_batch_size_and_a_mesh_score_alike(name, tok, task_set, boundary_r
         assert_same_scores(got, base, f"{name}: mesh data=2 fsdp=4, batch 8 vs 1 device batch 1")
 
 
+@pytest.mark.parametrize("name", list(ATTENTION))
+def test_shared_contexts_score_like_one_row_per_request(name, tok, task_set, boundary_requests):
+    """The choices of a document share their context: run once (prefill) and continued per choice (extend) from its
+    caches, the scores equal one row (context + continuation) per request — for the teacher's KV caches and for the
+    LoLCATS states (tk and sw windows). SciQ's contexts are longer than the window, so the states hold linear keys."""
+    model = random_model(ATTENTION[name], seed=5)
+    docs = doc_requests(tok, task_set)
+    scorer = Scorer(model, max_length=512)  # SciQ's paragraphs (60-470 tokens) untruncated: multi-chunk contexts
+    groups = scorer._shared_groups(docs + boundary_requests)
+    assert len(groups) >= 8 and max(len(c) for c in groups) > 64, sorted(len(c) for c in groups)  # multi-chunk contexts too
+    shared = scorer.loglikelihoods(docs + boundary_requests, batch_size=8)
+    rows = scorer.loglikelihoods(docs + boundary_requests, batch_size=8, share_contexts=False)
+    assert_same_scores(shared, rows, f"{name}: shared contexts vs one row per request")
+    assert_same_decisions(task_set, [x for x, _ in shared[: len(docs)]], [x for x, _ in rows[: len(docs)]], name)
+
+
 def test_perplexity_is_batch_invariant(tok):
     """Perplexity windows are requests too: batch 1, 8, 32 agree (LoLCATS tk; the softmax path is checked
     against transformers in test_eval). Windows of 60 fit one chunk (the miscompiled case), windows of 200 four."""

@@ -147,6 +147,51 @@ def _extend_exact(state, q, k, v, fq_BNHF, fk_BNHF, theta_H, spec, n_B, real_BN)
                              pos_B=new_pos_B)
 
 
+def branch_outputs(
+    state: DecodeState,
+    q: Float[Array, "B M H D"],
+    k: Float[Array, "B M H D"],
+    v: Float[Array, "B M H Dv"],
+    fmap: FeatureMapParams,
+    theta_H: Float[Array, "H"] | None,
+    spec: LolcatsSpec,
+    pos_BM: Int[Array, "B M"],
+    branch_BM: Int[Array, "B M"],
+    real_BM: Array,
+) -> Float[Array, "B M H Dv"]:
+    """Outputs of M new tokens per row that continue the row's state along several branches at once (the choices of
+    a multiple-choice question after one shared context): token m of row b is at absolute position pos_BM[b, m] of
+    branch branch_BM[b, m] and sees the state (every key before the row's position), the ring, and the earlier real
+    tokens of its own branch only. Each output equals `extend_state` of that branch alone (and the parallel form over
+    context + branch); nothing is copied per branch and the state is not advanced. Default mode only."""
+    if keeps_call_state(spec) or spec.uses_compat_masks:
+        raise ValueError("branch_outputs: compat caches follow the original's call order; continue each branch with "
+                         "extend_state instead")
+    if spec.form not in ("hybrid", "linear"):
+        raise ValueError(f"branch_outputs needs form 'hybrid' or 'linear', not {spec.form!r}")
+    fq = feature_map(q, fmap.wq, fmap.bq, spec)
+    fk = feature_map(k, fmap.wk, fmap.bk, spec)
+    dspec = _decode_spec(spec)
+    own = (branch_BM[:, :, None] == branch_BM[:, None, :]) & real_BM[:, None, :]  # (B, M, M)
+    if spec.form == "linear":
+        cdt = fq.dtype
+        lin = own & (pos_BM[:, None, :] <= pos_BM[:, :, None])
+        a = jnp.where(lin[:, None], jnp.einsum("bnhf,bmhf->bhnm", fq, fk), 0.0)
+        num = jnp.einsum("bhnm,bmhd->bnhd", a, v.astype(cdt)) + jnp.einsum("bnhf,bhfd->bnhd", fq, state.s_BHFD)
+        den = jnp.einsum("bhnm->bnh", a) + jnp.einsum("bnhf,bhf->bnh", fq, state.z_BHF) + LINEAR_DENOM_EPS
+        return (num / den[..., None]).astype(q.dtype)
+    R = ring_len(spec)
+    ring_k, ring_v, ring_fk, ring_pos_BR = _ring_in_order(state, R)
+    cand_k = jnp.concatenate([ring_k, k.astype(ring_k.dtype)], axis=1)
+    cand_v = jnp.concatenate([ring_v, v.astype(ring_v.dtype)], axis=1)
+    cand_fk = jnp.concatenate([ring_fk, fk], axis=1)
+    cand_pos = jnp.concatenate([ring_pos_BR, pos_BM], axis=1)
+    win, lin = key_sets(pos_BM[:, :, None], cand_pos[:, None, :], 0, dspec)
+    ok = jnp.concatenate([jnp.broadcast_to((ring_pos_BR >= 0)[:, None, :], own.shape[:2] + (R,)), own], axis=2)
+    y = _combine(q, cand_k, cand_v, fq, cand_fk, win & ok, lin & ok, theta_H, spec, state.s_BHFD, state.z_BHF)
+    return y.astype(q.dtype)
+
+
 def _call_key_sets(n_B, spec: LolcatsSpec, N: int):
     """The original's (window, linear) masks (B, N, N) for a call of n_b tokens (positions 0 … n_b−1 of the call)."""
     i, j = jnp.arange(N)[None, :, None], jnp.arange(N)[None, None, :]
@@ -179,4 +224,4 @@ def _extend_compat(state, q, k, v, fq_BNHF, fk_BNHF, theta_H, spec, n_B, real_BN
                              start_B=start_B)
 
 
-__all__ = ["extend_state"]
+__all__ = ["extend_state", "branch_outputs"]

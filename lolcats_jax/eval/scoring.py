@@ -9,7 +9,9 @@ whether every continuation token is the argmax). Inputs are right-padded (causal
 never reaches a real position) to a few bucket lengths (powers of two, then multiples of 256), and every batch of a bucket is padded
 to that bucket's one shape (rows, requests, scored positions), so a whole benchmark compiles one program per
 bucket — shared by every Scorer of a model with the same structure (teacher vs. student: two programs). Requests
-whose inputs are identical (MMLU's four one-token answers after one shared prompt) share one row of the forward.
+whose inputs are identical (MMLU's four one-token answers after one shared prompt) share one row of the forward,
+and the choices of one context (ARC, HellaSwag, PIQA, SciQ) share its run: the context is prefilled once and all its
+continuations run together on top of its caches, each seeing the context and only itself (`_score_shared`).
 Only the scored positions go through the LM head, flattened over the batch's requests, so memory is
 O(rows · T · E + P · V), not O(rows · T · V). A request's numbers
 never depend on what it is batched with (tests/test_scoring_batches.py holds batch sizes 1, 3, 8, 32 and a mesh
@@ -96,6 +98,12 @@ def _replicated(x: jax.Array) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec())
 
 
+def _logp_greedy(logits_PV, targets_P):
+    """(log p(target), target is the argmax) per scored position, replicated."""
+    logp_P = jnp.take_along_axis(logits_PV, targets_P[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(logits_PV, axis=-1)
+    return _replicated(logp_P), _replicated(jnp.argmax(logits_PV, axis=-1) == targets_P)
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _score_positions(graphdef, state, tokens_UT, rows_P, pos_P, targets_P):
     """(log p, is-argmax) of targets_P[p] as the prediction at position pos_P[p] of row rows_P[p], each (P,).
@@ -105,9 +113,36 @@ def _score_positions(graphdef, state, tokens_UT, rows_P, pos_P, targets_P):
     positions_UT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (U, T))
     x_UTE, _ = net.run_layers(net.embed_tokens(tokens_UT), positions_UT)
     logits_PV = net.logits(x_UTE[rows_P, pos_P][None])[0]
-    logp_P = jnp.take_along_axis(logits_PV, targets_P[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(logits_PV, axis=-1)
-    greedy_P = jnp.argmax(logits_PV, axis=-1) == targets_P
-    return _replicated(logp_P), _replicated(greedy_P)
+    return _logp_greedy(logits_PV, targets_P)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _score_shared(graphdef, state, ctx_UT, ctx_len_U, tokens_UM, offset_UM, branch_UM, real_UM, row_P, m_P, targets_P):
+    """(log p, is-argmax) per scored position when several continuations share a context. The U contexts run once
+    (prefill, with their decode caches); then each row's continuations, but their last tokens, packed into M slots
+    (token m: the offset_UM-th of branch branch_UM), run at once on top of the row's cache, each seeing only the
+    context and its own branch (`decode.branch_hidden`). Scored position p of row row_P[p] is predicted by the hidden
+    state after the context (m_P[p] = −1: a continuation's first token) or after packed token m_P[p]. For
+    default-mode models this equals one parallel forward over context + continuation (up to fp32 rounding)."""
+    from lolcats_jax.model import decode
+
+    net = nnx.merge(graphdef, state)
+    x_UTE, cache = decode.prefill_hidden(net, ctx_UT, ctx_len_U, ctx_UT.shape[1])
+    x_UME = decode.branch_hidden(net, cache, tokens_UM, offset_UM, branch_UM, real_UM)
+    first_PE = x_UTE[row_P, ctx_len_U[row_P] - 1]
+    h_PE = jnp.where((m_P < 0)[:, None], first_PE, x_UME[row_P, jnp.maximum(m_P, 0)].astype(first_PE.dtype))
+    logits_PV = net.logits(h_PE[None])[0]
+    return _logp_greedy(logits_PV, targets_P)
+
+
+@dataclasses.dataclass(frozen=True)
+class _SharedShape:
+    """Padded shape of every shared-context batch of a bucket."""
+
+    contexts: int  # U
+    length: int  # T
+    packed: int  # M: continuation tokens fed after a context, all its branches packed (a branch's last token is not fed)
+    scored: int  # P
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +166,7 @@ class Scorer:
         self.max_length = int(max_length or model.cfg.max_position_embeddings)
         self.mesh = mesh
         self.exact_lengths = length_dependent(model)
+        self.compat = "lolcats" in tuple(getattr(model, "kinds", ())) and bool(model.opts.lolcats.compat)
 
     # ------------------------------------------------------------------------------------------ batches
 
@@ -187,17 +223,107 @@ class Scorer:
             by_input.setdefault(inp, []).append((i, len(inp) - len(cont), cont))
         return by_input
 
-    def loglikelihoods(self, requests: Sequence[TokenRequest], batch_size: int = 8) -> list[tuple[float, bool]]:
+    # ------------------------------------------------------------------------------------ shared contexts
+
+    def _shared_groups(self, requests: Sequence[TokenRequest]) -> dict[tuple[int, ...], list[int]]:
+        """context → indices of the requests scored from one run of it: contexts continued by at least two
+        requests, one of them longer than one token (one-token continuations of one context already share one
+        input row), none truncated. Not for models whose LoLCATS layers follow the original's compat caches."""
+        if self.compat:
+            return {}
+        by_ctx: dict[tuple[int, ...], list[int]] = {}
+        for i, (ctx, cont) in enumerate(requests):
+            if ctx and cont and len(ctx) + len(cont) - 1 <= self.max_length:
+                by_ctx.setdefault(tuple(ctx), []).append(i)
+        return {c: ix for c, ix in by_ctx.items() if len(ix) > 1 and max(len(requests[i][1]) for i in ix) > 1}
+
+    @staticmethod
+    def _packed_len(requests, ix) -> int:
+        return sum(len(requests[i][1]) - 1 for i in ix)
+
+    def _shared_shape(self, mesh, batches: list[list[tuple[int, ...]]], groups, requests) -> _SharedShape:
+        multiple = 1 if mesh is None else math.prod(int(mesh.shape.get(a, 1)) for a in ("data", "fsdp", "expert"))
+        up = lambda n, minimum: -(-bucket(n, minimum) // multiple) * multiple  # noqa: E731
+        scored = [sum(len(requests[i][1]) for c in b for i in groups[c]) for b in batches]
+        M = bucket(max(self._packed_len(requests, groups[c]) for b in batches for c in b), 8)
+        return _SharedShape(up(max(len(b) for b in batches), 1), input_bucket(len(batches[0][0]), self.max_length), M,
+                            up(max(scored), MIN_SCORED_BUCKET))
+
+    def _run_shared(self, mesh, shape: _SharedShape, contexts, groups, requests) -> dict[int, tuple[float, bool]]:
+        U, T, M, P = shape.contexts, shape.length, shape.packed, shape.scored
+        ctx = np.zeros((U, T), np.int32)
+        ctx_len = np.ones(U, np.int32)  # padding rows: one token, never read
+        tokens, offset, branch = np.zeros((U, M), np.int32), np.zeros((U, M), np.int32), np.full((U, M), -1, np.int32)
+        real = np.zeros((U, M), bool)
+        row, mm, targets = np.zeros(P, np.int32), np.full(P, -1, np.int32), np.zeros(P, np.int32)
+        spans, p = [], 0
+        for u, c in enumerate(contexts):
+            ctx[u, : len(c)], ctx_len[u] = c, len(c)
+            m = 0
+            for b, i in enumerate(groups[c]):
+                tgt = list(requests[i][1])
+                n = len(tgt)
+                tokens[u, m : m + n - 1], offset[u, m : m + n - 1] = tgt[:-1], np.arange(n - 1)
+                branch[u, m : m + n - 1], real[u, m : m + n - 1] = b, True
+                row[p : p + n], targets[p : p + n] = u, tgt
+                mm[p + 1 : p + n] = np.arange(m, m + n - 1)  # target t ≥ 1 is predicted after packed token m + t − 1
+                spans.append((i, p, p + n))
+                m, p = m + n - 1, p + n
+        assert p <= P
+        put = self._put
+        args = (put(mesh, ctx, ("batch", "seq")), put(mesh, ctx_len, ("batch",)), put(mesh, tokens, ("batch", "seq")),
+                put(mesh, offset, ("batch", "seq")), put(mesh, branch, ("batch", "seq")), put(mesh, real, ("batch", "seq")),
+                put(mesh, row, ("batch",)), put(mesh, mm, ("batch",)), put(mesh, targets, ("batch",)))
+        logp_P, greedy_P = _score_shared(self.graphdef, self.state, *args)
+        logp_P, greedy_P = np.asarray(logp_P, np.float64), np.asarray(greedy_P)
+        return {i: (float(logp_P[a:b].sum()), bool(greedy_P[a:b].all())) for i, a, b in spans}
+
+    def _score_shared_contexts(self, mesh, requests, groups, batch_size: int, results: list) -> None:
+        """Batches of contexts of one (context length, packed continuation length) bucket: little padding."""
+        def key(c):
+            return input_bucket(len(c), self.max_length), bucket(self._packed_len(requests, groups[c]), 8)
+
+        order = sorted(groups, key=lambda c: (key(c), -len(c), c))
+        for _, group in itertools.groupby(order, key=key):
+            contexts = list(group)
+            batches = [contexts[s : s + batch_size] for s in range(0, len(contexts), batch_size)]
+            shape = self._shared_shape(mesh, batches, groups, requests)
+            for b in batches:
+                for i, res in self._run_shared(mesh, shape, b, groups, requests).items():
+                    results[i] = res
+
+    # ------------------------------------------------------------------------------------------ scoring
+
+    def loglikelihoods(self, requests: Sequence[TokenRequest], batch_size: int = 8,
+                       share_contexts: bool = True) -> list[tuple[float, bool]]:
         """(Σ log p(continuation | context), is_greedy) for every request, in input order. Every request's numbers
-        are those of scoring it alone (up to fp32 summation order), whatever the batch size."""
+        are those of scoring it alone (up to fp32 summation order), whatever the batch size. With
+        `share_contexts`, a context continued several ways (the choices of a multiple-choice document) runs once
+        and its continuations run together on top of its cache (`_score_shared`); `batch_size` then counts
+        contexts."""
         if batch_size < 1:
             raise ValueError(f"{batch_size=} must be ≥ 1")
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        mesh = self.mesh if self.mesh is not None else _current_mesh()
+        enter_mesh = self.mesh is not None and _current_mesh() is None
+        groups = self._shared_groups(requests) if share_contexts else {}
+        if groups:
+            with compat.set_mesh(mesh) if enter_mesh else contextlib.nullcontext():
+                self._score_shared_contexts(mesh, requests, groups, batch_size, results)
+        shared = {i for ix in groups.values() for i in ix}
+        rest = [i for i in range(len(requests)) if i not in shared]
+        if rest:
+            for i, res in zip(rest, self._score_rows([requests[i] for i in rest], batch_size, mesh, enter_mesh)):
+                results[i] = res
+        assert all(r is not None for r in results)
+        return results  # type: ignore[return-value]
+
+    def _score_rows(self, requests: Sequence[TokenRequest], batch_size: int, mesh, enter_mesh: bool) -> list:
+        """Every request as one row (ctx + cont)[:-1] (identical rows shared), batched by length bucket."""
         by_input = self._group_by_input(requests)
         # longest inputs first (a batch that does not fit in memory fails at once); a batch never mixes buckets
         order = sorted(by_input, key=lambda x: (-len(x), x))
         results: list[tuple[float, bool] | None] = [None] * len(requests)
-        mesh = self.mesh if self.mesh is not None else _current_mesh()
-        enter_mesh = self.mesh is not None and _current_mesh() is None
         with compat.set_mesh(mesh) if enter_mesh else contextlib.nullcontext():
             for _, group in itertools.groupby(order, key=lambda x: self._padded_length(len(x))):
                 bucket_inputs = list(group)
@@ -208,8 +334,7 @@ class Scorer:
                     scored = self._run_batch(mesh, shape, inputs, [(u, s, cont) for u, _, s, cont in flat])
                     for (_, i, _, _), res in zip(flat, scored):
                         results[i] = res
-        assert all(r is not None for r in results)
-        return results  # type: ignore[return-value]
+        return results
 
     # ------------------------------------------------------------------------------------------ perplexity
 

@@ -56,6 +56,13 @@ def _lolcats_prefill(ctx, p, q, k, v, lengths):
 
 def prefill(model: Llama, tokens_BT: jax.Array, lengths_B: jax.Array, max_len: int) -> tuple[jax.Array, Cache]:
     """Runs the prompt in parallel; returns the logits (B, V) of each row's last real token and the cache."""
+    x, cache = prefill_hidden(model, tokens_BT, lengths_B, max_len)
+    last = jnp.take_along_axis(x, (lengths_B - 1)[:, None, None], axis=1)  # (B,1,E)
+    return model.logits(last)[:, 0], cache
+
+
+def prefill_hidden(model: Llama, tokens_BT: jax.Array, lengths_B: jax.Array, max_len: int) -> tuple[jax.Array, Cache]:
+    """`prefill` returning the last layer's hidden states (B, T, E) at every position instead of logits."""
     B, T = tokens_BT.shape
     if max_len < T:
         raise ValueError(f"max_len={max_len} must be at least the prompt length T={T}")
@@ -80,9 +87,7 @@ def prefill(model: Llama, tokens_BT: jax.Array, lengths_B: jax.Array, max_len: i
 
         x, c = jax.lax.scan(body, x, params)
         caches.append(c)
-    last = jnp.take_along_axis(x, (lengths_B - 1)[:, None, None], axis=1)  # (B,1,E)
-    logits = model.logits(last)[:, 0]
-    return logits, Cache(tuple(caches), lengths_B.astype(jnp.int32))
+    return x, Cache(tuple(caches), lengths_B.astype(jnp.int32))
 
 
 def _through_layers(model: Llama, cache: Cache, x, ctx, attend_softmax, attend_lolcats):
@@ -109,6 +114,14 @@ def extend(model: Llama, cache: Cache, tokens_BN: jax.Array, lengths_B: jax.Arra
     """Consumes the first lengths_b of N new tokens per row (right-padded; 0 leaves a row as it was) on top of the
     cache; returns the logits (B, V) after each row's last new token (unspecified for rows with none) and the cache.
     The caller keeps pos + N within the cache's max_len (softmax layers have that many slots)."""
+    x, cache_out = extend_hidden(model, cache, tokens_BN, lengths_B)
+    lengths_B = jnp.clip(lengths_B.astype(jnp.int32), 0, tokens_BN.shape[1])
+    last = jnp.take_along_axis(x, jnp.maximum(lengths_B - 1, 0)[:, None, None], axis=1)  # (B,1,E)
+    return model.logits(last)[:, 0], cache_out
+
+
+def extend_hidden(model: Llama, cache: Cache, tokens_BN: jax.Array, lengths_B: jax.Array) -> tuple[jax.Array, Cache]:
+    """`extend` returning the last layer's hidden states (B, N, E) at every new position instead of logits."""
     from kernels.lolcats.continuation import extend_state
 
     B, N = tokens_BN.shape
@@ -133,8 +146,45 @@ def extend(model: Llama, cache: Cache, tokens_BN: jax.Array, lengths_B: jax.Arra
                             lengths_B)
 
     x, segments = _through_layers(model, cache, model.embed_tokens(tokens_BN), ctx, attend_softmax, attend_lolcats)
-    last = jnp.take_along_axis(x, jnp.maximum(lengths_B - 1, 0)[:, None, None], axis=1)  # (B,1,E)
-    return model.logits(last)[:, 0], Cache(segments, pos + lengths_B)
+    return x, Cache(segments, pos + lengths_B)
+
+
+def branch_hidden(model: Llama, cache: Cache, tokens_BM: jax.Array, offset_BM: jax.Array, branch_BM: jax.Array,
+                  real_BM: jax.Array) -> jax.Array:
+    """Hidden states (B, M, E) of M tokens per row that continue the row's cache along several branches at once:
+    token m is the offset_BM[b, m]-th token of branch branch_BM[b, m] after the cached prefix (position
+    cache.pos[b] + offset) and sees the prefix and the earlier real tokens of its own branch — a tree of
+    continuations, e.g. every choice of a multiple-choice question after its one context. Equal, per branch, to
+    `extend` of that branch alone; the cache is neither copied per branch nor advanced. Default-mode models only."""
+    from kernels.lolcats.continuation import branch_outputs
+
+    G = model.cfg.group_size
+    pos_BM = cache.pos[:, None] + offset_BM.astype(jnp.int32)
+    ctx = model._ctx(pos_BM)
+    spec = ctx.opts.lolcats.spec()
+    own_BMM = (branch_BM[:, :, None] == branch_BM[:, None, :]) & real_BM[:, None, :] \
+        & (offset_BM[:, None, :] <= offset_BM[:, :, None])
+
+    def attend(kind, p, c, q, k, v):
+        if kind == "softmax":
+            S = c["k"].shape[1]
+            prefix_BMS = jnp.broadcast_to((jnp.arange(S)[None, :] < cache.pos[:, None])[:, None, :], own_BMM.shape[:2] + (S,))
+            kc = jnp.concatenate([c["k"], k.astype(c["k"].dtype)], axis=1)
+            vc = jnp.concatenate([c["v"], v.astype(c["v"].dtype)], axis=1)
+            return cached_softmax_attention(q, kc, vc, jnp.concatenate([prefix_BMS, own_BMM], axis=2))
+        return branch_outputs(c, q, repeat_kv(k, G), repeat_kv(v, G), L.fmap_params(p), p["window_logit"], spec,
+                              pos_BM, branch_BM, real_BM)
+
+    x = model.embed_tokens(tokens_BM)
+    for seg, seg_cache in zip(segments_of(model.kinds), cache.segments):
+        def body(x_BME, inputs, kind=seg.kind):
+            p, c = inputs
+            q, k, v = L.qkv(ctx, p, x_BME)
+            x_BME = x_BME + L.attn_out(ctx, p, attend(kind, p, c, q, k, v).astype(x_BME.dtype))
+            return x_BME + L.mlp(ctx, p, x_BME), None
+
+        x, _ = jax.lax.scan(body, x, (model._segment_params(seg), seg_cache))
+    return x
 
 
 def decode_step(model: Llama, cache: Cache, tokens_B: jax.Array,
@@ -176,4 +226,5 @@ def cache_bytes(cache: Cache) -> int:
     return sum(int(a.size) * a.dtype.itemsize for a in jax.tree.leaves(cache))
 
 
-__all__ = ["Cache", "prefill", "extend", "decode_step", "right_align", "cache_bytes"]
+__all__ = ["Cache", "prefill", "prefill_hidden", "extend", "extend_hidden", "branch_hidden", "decode_step", "right_align",
+           "cache_bytes"]

@@ -209,3 +209,42 @@ def test_compat_continuation_equals_the_original_cache(window):
             np.testing.assert_allclose(got[b][p], want[b][p], rtol=1e-9, atol=1e-11, err_msg=f"row {b} position {p}")
             differs = max(differs, float(np.abs(exact[b][p] - want[b][p]).max()))
     assert differs > 1e-3  # the original's continuation is not the exact form: the test can tell them apart
+
+
+@pytest.mark.parametrize("spec", [LolcatsSpec(window="tk", window_size=4), LolcatsSpec(window="sw", window_size=3),
+                                  LolcatsSpec(form="linear", feature_map="relu")], ids=["tk", "sw", "linear"])
+def test_branches_continue_one_state_like_the_parallel_form(spec):
+    """Several branches packed into one call after one shared prefix (the choices of a question after its context),
+    each seeing the prefix and only its own earlier tokens, equal the float64 parallel form over prefix + that
+    branch alone, token by token. Row 0: prefix 11 (the state holds linear keys), branches of 5, 1 and 7 tokens; row
+    1: prefix 3 (inside the window), branches of 2 and 6; the packed call is padded to 16 slots."""
+    from kernels.lolcats.continuation import branch_outputs
+
+    H, D, F, M = 2, 8, 4, 16
+    prefixes, branches = [11, 3], [[5, 1, 7], [2, 6]]
+    with enable_x64():
+        T = max(p + max(b) for p, b in zip(prefixes, branches))
+        q, k, v, fmap, theta = make_inputs(3, len(prefixes) * 3, T, H, D, F, dtype=jnp.float64)
+        # sequence (row r, branch j) = row r's prefix (shared: taken from sequence 3r) followed by branch j's tokens
+        seq = lambda x, r, j: jnp.concatenate([x[3 * r, : prefixes[r]], x[3 * r + j, prefixes[r]:]], 0)  # noqa: E731
+        state = prefill_state(jnp.stack([k[3 * r] for r in range(2)])[:, : max(prefixes)],
+                              jnp.stack([v[3 * r] for r in range(2)])[:, : max(prefixes)], fmap, spec,
+                              jnp.asarray(prefixes))
+        packed = {name: np.zeros((2, M, H, D)) for name in "qkv"}
+        pos, branch, real = np.zeros((2, M), np.int32), np.full((2, M), -1, np.int32), np.zeros((2, M), bool)
+        where = []
+        for r, (P, lens) in enumerate(zip(prefixes, branches)):
+            m = 0
+            for j, n in enumerate(lens):
+                for name, x in zip("qkv", (q, k, v)):
+                    packed[name][r, m : m + n] = np.asarray(seq(x, r, j)[P : P + n])
+                pos[r, m : m + n], branch[r, m : m + n], real[r, m : m + n] = np.arange(P, P + n), j, True
+                where.append((r, j, m, n))
+                m += n
+        y = branch_outputs(state, *(jnp.asarray(packed[c]) for c in "qkv"), fmap, theta, spec, jnp.asarray(pos),
+                           jnp.asarray(branch), jnp.asarray(real))
+        for r, j, m, n in where:
+            P = prefixes[r]
+            full = [seq(x, r, j)[None, : P + n] for x in (q, k, v)]
+            want = np.asarray(ref_attention(*full, fmap, theta, spec))[0, P:]
+            np.testing.assert_allclose(np.asarray(y)[r, m : m + n], want, rtol=1e-10, atol=1e-12)
