@@ -228,14 +228,21 @@ class Scorer:
     def _shared_groups(self, requests: Sequence[TokenRequest]) -> dict[tuple[int, ...], list[int]]:
         """context → indices of the requests scored from one run of it: contexts continued by at least two
         requests, one of them longer than one token (one-token continuations of one context already share one
-        input row), none truncated. Not for models whose LoLCATS layers follow the original's compat caches."""
+        input row), none truncated, and the context tokens saved, (k − 1)·len(context), at least the packed
+        continuation tokens Σ (len − 1) (else the branch call costs more than it saves: PIQA's two long solutions
+        after a short goal, benchmarks/results/scoring_speed_cpu.md). Not for models whose LoLCATS layers follow
+        the original's compat caches."""
         if self.compat:
             return {}
         by_ctx: dict[tuple[int, ...], list[int]] = {}
         for i, (ctx, cont) in enumerate(requests):
             if ctx and cont and len(ctx) + len(cont) - 1 <= self.max_length:
                 by_ctx.setdefault(tuple(ctx), []).append(i)
-        return {c: ix for c, ix in by_ctx.items() if len(ix) > 1 and max(len(requests[i][1]) for i in ix) > 1}
+        def worth(c, ix):
+            return len(ix) > 1 and max(len(requests[i][1]) for i in ix) > 1 \
+                and (len(ix) - 1) * len(c) >= self._packed_len(requests, ix)
+
+        return {c: ix for c, ix in by_ctx.items() if worth(c, ix)}
 
     @staticmethod
     def _packed_len(requests, ix) -> int:
