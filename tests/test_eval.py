@@ -540,3 +540,21 @@ def test_mmlu_shots():
     assert five.docs[0].contexts[0].endswith(zero.docs[0].contexts[0].split("\n\n", 1)[1])
     with pytest.raises(DataError, match="shots must be"):
         tasks.load_task("mmlu", 1, mmlu_subjects=1, mmlu_shots=-1)
+
+
+def test_report_gives_standard_errors_and_calls_small_subsets_a_smoke_test(tmp_path):
+    """The recipe's report prints acc ± stderr (the metric's own figures, NaN shown as –) and, when no task has
+    100 documents, says its benchmark table is a smoke test and how to get scores that mean something."""
+    import dataclasses
+
+    from lolcats_jax.config import load_config
+    from lolcats_jax.eval.stage import render_report
+
+    cfg = load_config("configs/smollm2_demo.yaml")
+    ctx = dataclasses.make_dataclass("Ctx", ["cfg", "run_dir"])(cfg, tmp_path)
+    row = lambda n: {"acc": 0.5, "acc_stderr": 0.0503, "acc_norm": 0.25, "acc_norm_stderr": float("nan"), "n": n}  # noqa: E731
+    small = render_report(ctx, {"models": {"teacher": {"tasks": {"piqa": row(10)}}}})
+    assert "| piqa | 10 | 0.500 ± 0.050 / 0.250 ± – |" in small
+    assert "**Smoke test only:** at most 10 documents per task" in small and f"--model {tmp_path} --limit 300" in small
+    big = render_report(ctx, {"models": {"teacher": {"tasks": {"piqa": row(300)}}}})
+    assert "| piqa | 300 | 0.500 ± 0.050 / 0.250 ± – |" in big and "Smoke test" not in big

@@ -15,6 +15,8 @@ from lolcats_jax.errors import UserError
 from lolcats_jax.fsio import atomic_path, write_text_atomic
 from lolcats_jax.train.stages import RunContext, attention_source_stage, load_base, load_stage_params, stage_done
 
+SMOKE_N = 100  # below this many documents per task the report calls its benchmark table a smoke test
+
 
 def _models(ctx: RunContext):
     """(label, key, loader) for every model this run can provide, in report order; they read the base weights once."""
@@ -141,7 +143,13 @@ def render_report(ctx: RunContext, summary: dict) -> str:
         lines.append("")
     task_names = sorted({t for m in models.values() for t in m.get("tasks", {})})
     if task_names:
-        lines += ["## Benchmarks (acc / acc_norm, n = documents scored)", ""]
+        lines += ["## Benchmarks (acc / acc_norm ± standard error, n = documents scored)", ""]
+        sizes = [r.get("n") or 0 for m in models.values() for r in m.get("tasks", {}).values()]
+        if sizes and max(sizes) < SMOKE_N:
+            lines += [f"**Smoke test only:** at most {max(sizes)} documents per task; a standard error of ~0.05 needs "
+                      f"~100 and telling a 1-point loss from noise needs thousands. For scores that mean something: "
+                      f"`python -m lolcats_jax.evaluate --model {ctx.run_dir} --limit 300` (or raise `evaluate.limit`).",
+                      ""]
         lines.append("| task | n | " + " | ".join(labels) + " |")
         lines.append("|---|---|" + "---|" * len(labels))
         for t in task_names:
@@ -153,8 +161,8 @@ def render_report(ctx: RunContext, summary: dict) -> str:
                     cells.append("–")
                     continue
                 n = r.get("n")
-                norm = r.get("acc_norm")
-                cells.append(f"{r['acc']:.3f}" + (f" / {norm:.3f}" if norm is not None else ""))
+                cells.append(" / ".join(f"{r[m]:.3f} ± {_err(r.get(m + '_stderr'))}" for m in ("acc", "acc_norm")
+                                        if r.get(m) is not None))
             groups = next((m["tasks"][t]["groups"] for m in models.values() if "groups" in m.get("tasks", {}).get(t, {})), None)
             label = f"{t} ({len(groups)} subjects, {ctx.cfg.evaluate.mmlu_shots}-shot, mean over subjects)" if groups else t
             lines.append(f"| {label} | {n} | " + " | ".join(cells) + " |")
@@ -216,6 +224,10 @@ def _comparison(ctx: RunContext, summary: dict) -> list[str]:
 
 def _f(x) -> str:
     return "–" if x is None else f"{x:.4g}"
+
+
+def _err(x) -> str:
+    return "–" if x is None or x != x else f"{x:.3f}"  # NaN: a group of one document
 
 
 def _bar_chart(path: Path, models: dict) -> None:
