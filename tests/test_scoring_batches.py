@@ -198,15 +198,17 @@ def test_every_batch_size_and_a_mesh_score_alike(name, tok, task_set, boundary_r
     requests = docs + boundary_requests
     assert max(len(c) + len(x) for c, x in requests) > MAX_LENGTH + 1  # truncated inputs too
     scorer = Scorer(model, max_length=MAX_LENGTH)
-    base = scorer.loglikelihoods(requests, batch_size=1)
+    # one row per request here (the shared-context path is held to it below and in the test after this one)
+    base = scorer.loglikelihoods(requests, batch_size=1, share_contexts=False)
     for b in sizes:
-        got = scorer.loglikelihoods(requests, batch_size=b)
+        got = scorer.loglikelihoods(requests, batch_size=b, share_contexts=False)
         assert_same_scores(got, base, f"{name}: batch {b} vs 1")
         assert_same_decisions(task_set, [x for x, _ in got[: len(docs)]], [x for x, _ in base[: len(docs)]], f"{name}: batch {b}")
     if on_mesh:
         mesh = make_mesh(MeshShape(data=2, fsdp=4, tensor=1))
         sharded = Scorer(random_model(ATTENTION[name], seed=3, mesh=mesh), max_length=MAX_LENGTH, mesh=mesh)
-        got = sharded.loglikelihoods(requests, batch_size=8)
+        got = sharded.loglikelihoods(requests, batch_size=8)  # shared contexts, on the mesh
+        assert sharded._shared_groups(requests)
         assert_same_scores(got, base, f"{name}: mesh data=2 fsdp=4, batch 8 vs 1 device batch 1")
 
 
@@ -217,7 +219,7 @@ def test_shared_contexts_score_like_one_row_per_request(name, tok, task_set, bou
     LoLCATS states (tk and sw windows). SciQ's contexts are longer than the window, so the states hold linear keys."""
     model = random_model(ATTENTION[name], seed=5)
     docs = doc_requests(tok, task_set)
-    scorer = Scorer(model, max_length=512)  # SciQ's paragraphs (60-470 tokens) untruncated: multi-chunk contexts
+    scorer = Scorer(model, max_length=256)  # SciQ paragraphs up to 256 tokens untruncated: multi-chunk contexts
     groups = scorer._shared_groups(docs + boundary_requests)
     assert len(groups) >= 8 and max(len(c) for c in groups) > 64, sorted(len(c) for c in groups)  # multi-chunk contexts too
     shared = scorer.loglikelihoods(docs + boundary_requests, batch_size=8)

@@ -286,9 +286,9 @@ class Scorer:
         return {i: (float(logp_P[a:b].sum()), bool(greedy_P[a:b].all())) for i, a, b in spans}
 
     def _score_shared_contexts(self, mesh, requests, groups, batch_size: int, results: list) -> None:
-        """Batches of contexts of one (context length, packed continuation length) bucket: little padding."""
+        """Batches of contexts of one context-length bucket (one program per bucket, as for rows)."""
         def key(c):
-            return input_bucket(len(c), self.max_length), bucket(self._packed_len(requests, groups[c]), 8)
+            return input_bucket(len(c), self.max_length)
 
         order = sorted(groups, key=lambda c: (key(c), -len(c), c))
         for _, group in itertools.groupby(order, key=key):
