@@ -115,6 +115,7 @@ class DistillConfig:
     xent_factor: float = 0.0
     checkpoint_every: int = 20
     log_every: int = 1
+    snapshot_every: int | None = None  # also keep the trainable parameters every N steps (<stage>/snapshots/<step>)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,6 +139,7 @@ class FinetuneConfig:
     eval_batches: int | None = None
     checkpoint_every: int = 20
     log_every: int = 1
+    snapshot_every: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -358,6 +360,10 @@ def validate(cfg: Config, where: str = "<config>") -> None:
             raise ConfigError(f"{where}: {name}.optim.schedule={sec.optim.schedule!r} is not one of ['constant', 'cosine', 'plateau']")
         if sec.data.template not in ("alpaca", "chat"):
             raise ConfigError(f"{where}: {name}.data.template={sec.data.template!r} is not one of ['alpaca', 'chat']")
+        for key in ("eval_every", "checkpoint_every", "log_every", "snapshot_every"):
+            value = getattr(sec, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"{where}: {name}.{key}={value} must be a positive number of steps")
     if not 0 <= cfg.finetune.lora.dropout < 1:
         raise ConfigError(f"{where}: finetune.lora.dropout={cfg.finetune.lora.dropout} must be a probability in [0, 1)")
     if cfg.attention.window_size <= 0:

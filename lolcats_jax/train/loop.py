@@ -21,7 +21,7 @@ import numpy as np
 
 from lolcats_jax.config import OptimizerConfig
 from lolcats_jax.errors import UserError
-from lolcats_jax.train.ckpt import StageCheckpointer
+from lolcats_jax.train.ckpt import StageCheckpointer, save_params
 from lolcats_jax.train.metrics import MetricsWriter, fmt_eta, plot_losses
 from lolcats_jax.train.optim import PlateauState, learning_rate, make_optimizer
 from lolcats_jax.train.step import LossFn, Split, batch_sharding, build_steps, count_params
@@ -41,6 +41,7 @@ class LoopConfig:
     batch_size: int  # per optimizer micro-step, global
     eval_batches: int | None
     optim: OptimizerConfig
+    snapshot_every: int | None = None  # keep the trainable parameters of every N-th step (quality-vs-tokens curves)
     seed: int = 0  # step s draws its dropout masks from fold_in(PRNGKey(seed), s): the same after a resume
 
 
@@ -177,6 +178,9 @@ def train_loop(
                 meta["best_eval"] = ev["loss"]
                 ckpt.save_best(step + 1, trainable, {"step": step + 1, "eval_loss": ev["loss"]})
             _log(is_main, f"\n[{name}] step {step + 1} eval loss {ev['loss']:.5g}{' (best)' if improved else ''} lr {lr:.3g}")
+        if cfg.snapshot_every and (step + 1) % cfg.snapshot_every == 0:
+            # a replay after a kill rewrites the same parameters (save_params replaces), so resume needs nothing here
+            save_params(stage_dir / "snapshots" / str(step + 1), trainable, {"step": step + 1})
         if at_ckpt:
             meta["plateau"] = dataclasses.asdict(plateau)
             ckpt.save(step + 1, trainable, opt_state, meta, train_iter)

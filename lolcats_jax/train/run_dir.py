@@ -19,7 +19,7 @@ FREE_KEYS = (
     "run.dir", "run.stages", "run.coordinator", "run.num_processes", "run.process_id",
     "model.path", "model.checkpoint", "model.architecture", "model.remat",
     "attention.backend", "mesh", "evaluate", "generate",
-    "*.log_every", "*.checkpoint_every", "*.data.train", "*.data.validation", "*.data.tokenizer",
+    "*.log_every", "*.checkpoint_every", "*.snapshot_every", "*.data.train", "*.data.validation", "*.data.tokenizer",
     "block.index", "block.store", "block.ignore_disk_check", "block.collect_batch_size",
 )
 # key prefix → the stages whose results depend on it (anything not listed here or in FREE_KEYS: every stage)

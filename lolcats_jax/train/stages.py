@@ -79,16 +79,22 @@ def load_stage_params(ctx: RunContext, model: Llama, stage: str, *, keys=None) -
     final = ctx.stage_dir(stage) / "final"
     if not final.exists():
         raise CheckpointError(f"{final}: missing — run the '{stage}' stage first")
+    return load_params_into(model, final, keys=keys)
+
+
+def load_params_into(model: Llama, path: Path, *, keys=None) -> dict:
+    """Loads a `save_params` directory (a stage's `final/` or one of its `snapshots/<step>`) into `model`; returns
+    its meta."""
     flat = {path_key(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))}
     from lolcats_jax.train.ckpt import saved_keys
 
-    wanted = saved_keys(final) if keys is None else keys
+    wanted = saved_keys(path) if keys is None else keys
     missing = sorted(set(wanted) - set(flat))
     if missing:
-        raise CheckpointError(f"{final}: holds {missing}, which this model does not have (were the stage configs changed?)")
+        raise CheckpointError(f"{path}: holds {missing}, which this model does not have (were the stage configs changed?)")
     target = {k: flat[k] for k in wanted}
-    params, meta = load_params(final, target)
-    assign_params(model, params, where=str(final))
+    params, meta = load_params(path, target)
+    assign_params(model, params, where=str(path))
     return meta
 
 
@@ -142,7 +148,7 @@ def loop_config(section, steps: int, seed: int) -> LoopConfig:
         seed=seed,
         max_steps=steps, eval_every=section.eval_every, checkpoint_every=section.checkpoint_every,
         log_every=section.log_every, grad_accum=section.optim.grad_accum, batch_size=section.batch_size,
-        eval_batches=section.eval_batches, optim=section.optim,
+        eval_batches=section.eval_batches, optim=section.optim, snapshot_every=section.snapshot_every,
     )
 
 

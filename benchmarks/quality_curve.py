@@ -1,0 +1,187 @@
+"""Quality against training tokens: score the parameter snapshots of a run on a fixed evaluation subset.
+
+    python benchmarks/quality_curve.py --run runs/smollm2_quality [--tasks arc_easy,hellaswag,piqa] [--limit 100]
+        [--ppl-tokens 8192] [--out benchmarks/results/quality_curve_smollm2]
+
+The run's stages must have been trained with `snapshot_every` (configs/smollm2_quality.yaml sets it): every N-th
+step's trainable parameters are under `<run>/<stage>/snapshots/<step>`. Points, in token order: the softmax teacher
+(a reference line), the freshly linearized model (step 0: initial feature maps), every distill snapshot, the distill
+result the later stages use (`distill/final`, the best evaluated step), every LoRA snapshot on top of that result,
+and `finetune/final`. Each point is the held-out perplexity of the first `--ppl-tokens` tokens of the config's
+`evaluate.perplexity` files (chunks of the distill chunk size) and accuracy on the first `--limit` documents of each
+task. Writes `<out>.json` (rewritten atomically after every point: a re-run scores only the missing points) and
+`<out>.png`, and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _snapshots(stage_dir: Path) -> list[tuple[int, Path]]:
+    snap = stage_dir / "snapshots"
+    if not snap.is_dir():
+        return []
+    return sorted((int(p.name), p) for p in snap.iterdir() if p.name.isdigit())
+
+
+def _tokens_per_step(section) -> int:
+    return section.batch_size * section.optim.grad_accum * section.data.chunk_size
+
+
+def plan_points(run_dir: Path, cfg) -> list[dict]:
+    """The curve's points: name, stage, training tokens, and what to load (None: the teacher / fresh maps)."""
+    d_tok = _tokens_per_step(cfg.distill)
+    f_tok = _tokens_per_step(cfg.finetune)
+    points = [{"name": "teacher", "kind": "teacher", "tokens": 0},
+              {"name": "distill:0", "kind": "distill", "tokens": 0, "attention": None}]
+    for step, path in _snapshots(run_dir / "distill"):
+        points.append({"name": f"distill:{step}", "kind": "distill", "tokens": step * d_tok, "attention": str(path)})
+    final = run_dir / "distill" / "final"
+    if final.exists():
+        meta = json.loads((run_dir / "distill" / "done.json").read_text()) if (run_dir / "distill" / "done.json").exists() else {}
+        distill_tokens = int(meta.get("steps", cfg.distill.max_steps)) * d_tok
+        points.append({"name": "distill:final", "kind": "distill", "tokens": distill_tokens, "attention": str(final)})
+        for step, path in _snapshots(run_dir / "finetune"):
+            points.append({"name": f"finetune:{step}", "kind": "finetune", "tokens": distill_tokens + step * f_tok,
+                           "attention": str(final), "lora": str(path)})
+        ft_final = run_dir / "finetune" / "final"
+        if ft_final.exists():
+            steps = json.loads((run_dir / "finetune" / "done.json").read_text()).get("steps", cfg.finetune.max_steps)
+            points.append({"name": "finetune:final", "kind": "finetune", "tokens": distill_tokens + int(steps) * f_tok,
+                           "attention": str(final), "lora": str(ft_final)})
+    return points
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--run", type=Path, required=True, help="run directory (holds config.yaml)")
+    ap.add_argument("--tasks", default="arc_easy,hellaswag,piqa")
+    ap.add_argument("--limit", type=int, default=100, help="documents per task (the first N: the same every point)")
+    ap.add_argument("--ppl-tokens", type=int, default=8192)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "quality_curve_smollm2")
+    args = ap.parse_args(argv)
+
+    import jax
+
+    from lolcats_jax import compat
+    from lolcats_jax.config import load_config
+    from lolcats_jax.eval.runner import evaluate_task
+    from lolcats_jax.eval.scoring import Scorer
+    from lolcats_jax.eval.tasks import load_task
+    from lolcats_jax.fsio import write_text_atomic
+    from lolcats_jax.model.llama_config import LlamaConfig
+    from lolcats_jax.sharding import MeshShape, make_mesh
+    from lolcats_jax.tokenizer import load_tokenizer
+    from lolcats_jax.train.stages import RunContext, load_base, load_params_into
+
+    if not (args.run / "config.yaml").is_file():
+        print(f"error: {args.run}: not a run directory (no config.yaml)", file=sys.stderr)
+        return 2
+    cfg = load_config(args.run / "config.yaml")
+    tok = load_tokenizer(cfg.model.path)
+    ids: list[int] = []
+    for f in cfg.evaluate.perplexity:
+        ids += tok(Path(f).read_text(encoding="utf-8"))["input_ids"]
+    ids = ids[: args.ppl_tokens]
+    if not ids:
+        print(f"error: {args.run}/config.yaml: evaluate.perplexity names no held-out text", file=sys.stderr)
+        return 2
+    tasks = [load_task(name, limit=args.limit) for name in args.tasks.split(",")]
+    mesh = make_mesh(MeshShape(1, 1, 1), devices=jax.devices()[:1])
+    ctx = RunContext(cfg=cfg, run_dir=args.run, mesh=mesh, llama_cfg=LlamaConfig.from_hf_dir(cfg.model.path), tokenizer=tok)
+
+    json_path = args.out.with_suffix(".json")
+    done = json.loads(json_path.read_text()) if json_path.exists() else {}
+    same = done.get("setup") == {"run": str(args.run), "tasks": args.tasks, "limit": args.limit, "ppl_tokens": len(ids)}
+    results: dict = done.get("points", {}) if same else {}
+    setup = {"run": str(args.run), "tasks": args.tasks, "limit": args.limit, "ppl_tokens": len(ids)}
+    cache: dict = {}
+    models: dict = {}
+    with compat.set_mesh(mesh):
+        for point in plan_points(args.run, cfg):
+            if point["name"] in results:
+                continue
+            t0 = time.perf_counter()
+            kind = point["kind"]
+            fresh = kind == "distill" and not point.get("attention")  # step 0: the initial feature maps
+            if kind not in models or fresh:
+                models.clear()  # one model alive at a time
+                models[kind] = load_base(ctx, linearize=kind != "teacher",
+                                         lora=cfg.finetune.lora if kind == "finetune" else None, base_cache=cache)
+            model = models[kind]
+            if point.get("attention"):
+                load_params_into(model, Path(point["attention"]))
+            if point.get("lora"):
+                load_params_into(model, Path(point["lora"]))
+            scorer = Scorer(model)
+            ppl = scorer.perplexity(ids, cfg.distill.data.chunk_size, None, args.batch_size)
+            accs = {t.name: evaluate_task(scorer, tok, t, args.batch_size) for t in tasks}
+            results[point["name"]] = {
+                "tokens": point["tokens"], "kind": kind, "ppl": ppl.ppl,
+                "tasks": {k: {"acc": v["acc"], "acc_norm": v.get("acc_norm"), "n": v["n"]} for k, v in accs.items()},
+                "mean_acc": sum(v["acc"] for v in accs.values()) / len(accs),
+                "seconds": time.perf_counter() - t0,
+            }
+            write_text_atomic(json_path, json.dumps({"setup": setup, "points": results}, indent=1))
+            print(f"{point['name']}: ppl {ppl.ppl:.3f}, mean acc {results[point['name']]['mean_acc']:.4f} "
+                  f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+    _table(results, args)
+    _plot(results, args.out.with_suffix(".png"), setup)
+    return 0
+
+
+def _table(results: dict, args) -> None:
+    print(f"| point | training tokens | held-out ppl | mean acc ({args.tasks}, n={args.limit} each) |")
+    print("|---|---:|---:|---:|")
+    for name, r in sorted(results.items(), key=lambda kv: (kv[1]["tokens"], kv[1]["kind"] != "teacher")):
+        print(f"| {name} | {r['tokens']:,} | {r['ppl']:.3f} | {r['mean_acc']:.4f} |")
+
+
+def _plot(results: dict, path: Path, setup: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    teacher = results.get("teacher")
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for kind, color in (("distill", "tab:blue"), ("finetune", "tab:green")):
+        pts = sorted((r["tokens"], r["ppl"], r["mean_acc"]) for n, r in results.items()
+                     if r["kind"] == kind and not n.endswith(":final"))
+        if pts:
+            xs = [p[0] / 1e6 for p in pts]
+            ax1.plot(xs, [p[1] for p in pts], "o-", color=color, label=kind)
+            ax2.plot(xs, [p[2] for p in pts], "o-", color=color, label=kind)
+    if teacher:
+        ax1.axhline(teacher["ppl"], color="k", ls="--", label="softmax teacher")
+        ax1.axhline(1.05 * teacher["ppl"], color="k", ls=":", label="1.05 × teacher")
+        ax2.axhline(teacher["mean_acc"], color="k", ls="--", label="softmax teacher")
+    ax1.set_xlabel("training tokens (M)")
+    ax1.set_ylabel(f"held-out perplexity ({setup['ppl_tokens']} tokens)")
+    ax1.set_yscale("log")
+    ax2.set_xlabel("training tokens (M)")
+    ax2.set_ylabel(f"mean acc ({setup['tasks']}, n={setup['limit']})")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
