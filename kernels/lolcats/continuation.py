@@ -90,17 +90,21 @@ def _combine(q, k_BCHD, v_BCHD, fq_BNHF, fk_BCHF, win_BNC, lin_BNC, theta_H, spe
     return num / den[..., None]
 
 
-def _extend_linear(state, v, fq_BNHF, fk_BNHF, n_B, real_BN):
+def _linear_new(state, v, fq_BNHF, fk_BNHF, see_BNN):
+    """Linear-form outputs of N new tokens: the state (every earlier key) plus the new keys m that query n sees."""
     cdt = fq_BNHF.dtype
-    N = fq_BNHF.shape[1]
-    causal_NN = jnp.tril(jnp.ones((N, N), bool))
-    lin_BNN = causal_NN[None] & real_BN[:, None, :]
-    a_BHNN = jnp.where(lin_BNN[:, None], jnp.einsum("bnhf,bmhf->bhnm", fq_BNHF, fk_BNHF), 0.0)
+    a_BHNN = jnp.where(see_BNN[:, None], jnp.einsum("bnhf,bmhf->bhnm", fq_BNHF, fk_BNHF), 0.0)
     num = jnp.einsum("bhnm,bmhd->bnhd", a_BHNN, v.astype(cdt)) + jnp.einsum("bnhf,bhfd->bnhd", fq_BNHF, state.s_BHFD)
     den = jnp.einsum("bhnm->bnh", a_BHNN) + jnp.einsum("bnhf,bhf->bnh", fq_BNHF, state.z_BHF) + LINEAR_DENOM_EPS
+    return num / den[..., None]
+
+
+def _extend_linear(state, v, fq_BNHF, fk_BNHF, n_B, real_BN):
+    N = fq_BNHF.shape[1]
+    see_BNN = jnp.tril(jnp.ones((N, N), bool))[None] & real_BN[:, None, :]
+    y = _linear_new(state, v, fq_BNHF, fk_BNHF, see_BNN)
     ds, dz = _sum_kv(real_BN, fk_BNHF, v)
-    return num / den[..., None], state._replace(s_BHFD=state.s_BHFD + ds, z_BHF=state.z_BHF + dz,
-                                                pos_B=state.pos_B + n_B)
+    return y, state._replace(s_BHFD=state.s_BHFD + ds, z_BHF=state.z_BHF + dz, pos_B=state.pos_B + n_B)
 
 
 def _ring_in_order(state: DecodeState, R: int):
@@ -124,21 +128,37 @@ def _new_ring(cand_k, cand_v, cand_fk, cand_pos_BC, new_pos_B, R: int, oldest_B)
     return gather(cand_k), gather(cand_v), gather(cand_fk)
 
 
+def _candidates(state: DecodeState, k, v, fk_BNHF, pos_BN, R: int):
+    """Candidate keys of N new tokens: the ring (oldest first) then the new tokens — keys, values, features and
+    positions (B, C = R + N, …), and which ring slots hold a real key (B, R)."""
+    ring_k, ring_v, ring_fk, ring_pos_BR = _ring_in_order(state, R)
+    return (jnp.concatenate([ring_k, k.astype(ring_k.dtype)], axis=1),
+            jnp.concatenate([ring_v, v.astype(ring_v.dtype)], axis=1),
+            jnp.concatenate([ring_fk, fk_BNHF], axis=1),
+            jnp.concatenate([ring_pos_BR, pos_BN], axis=1),
+            ring_pos_BR >= 0)
+
+
+def _hybrid_new(state, q, cands, fq_BNHF, theta_H, spec, pos_BN, see_BNN):
+    """Hybrid-form outputs of N new tokens at absolute positions pos_BN: the state, the ring, and the new keys m that
+    query n may see (see_BNN), each candidate classified window / linear by the parallel form's rule."""
+    cand_k, cand_v, cand_fk, cand_pos_BC, ring_ok_BR = cands
+    win, lin = key_sets(pos_BN[:, :, None], cand_pos_BC[:, None, :], 0, _decode_spec(spec))
+    ring_ok = jnp.broadcast_to(ring_ok_BR[:, None, :], see_BNN.shape[:2] + ring_ok_BR.shape[1:])
+    ok = jnp.concatenate([ring_ok, see_BNN], axis=2)
+    return _combine(q, cand_k, cand_v, fq_BNHF, cand_fk, win & ok, lin & ok, theta_H, spec, state.s_BHFD, state.z_BHF)
+
+
 def _extend_exact(state, q, k, v, fq_BNHF, fk_BNHF, theta_H, spec, n_B, real_BN):
-    dspec = _decode_spec(spec)
     R, N = ring_len(spec), q.shape[1]
     if state.k_BRHD.shape[1] != R:
         raise ValueError(f"state ring length {state.k_BRHD.shape[1]} does not match {R=} for this spec")
-    ring_k, ring_v, ring_fk, ring_pos_BR = _ring_in_order(state, R)
-    cand_k = jnp.concatenate([ring_k, k.astype(ring_k.dtype)], axis=1)
-    cand_v = jnp.concatenate([ring_v, v.astype(ring_v.dtype)], axis=1)
-    cand_fk = jnp.concatenate([ring_fk, fk_BNHF], axis=1)
-    cand_pos_BC = jnp.concatenate([ring_pos_BR, state.pos_B[:, None] + jnp.arange(N)[None, :]], axis=1)
-    cand_ok_BC = jnp.concatenate([ring_pos_BR >= 0, real_BN], axis=1)
-    q_pos_BN = state.pos_B[:, None] + jnp.arange(N)[None, :]
-    win, lin = key_sets(q_pos_BN[:, :, None], cand_pos_BC[:, None, :], 0, dspec)
-    ok = cand_ok_BC[:, None, :]
-    y = _combine(q, cand_k, cand_v, fq_BNHF, cand_fk, win & ok, lin & ok, theta_H, spec, state.s_BHFD, state.z_BHF)
+    pos_BN = state.pos_B[:, None] + jnp.arange(N)[None, :]
+    cands = _candidates(state, k, v, fk_BNHF, pos_BN, R)
+    see_BNN = jnp.broadcast_to(real_BN[:, None, :], (q.shape[0], N, N))  # causality: the key-set rule
+    y = _hybrid_new(state, q, cands, fq_BNHF, theta_H, spec, pos_BN, see_BNN)
+    cand_k, cand_v, cand_fk, cand_pos_BC, ring_ok_BR = cands
+    cand_ok_BC = jnp.concatenate([ring_ok_BR, real_BN], axis=1)
     new_pos_B = state.pos_B + n_B
     fold_BC = cand_ok_BC & (cand_pos_BC < (new_pos_B - R)[:, None])  # keys every later query sees as linear
     ds, dz = _sum_kv(fold_BC, cand_fk, cand_v)
@@ -171,25 +191,12 @@ def branch_outputs(
         raise ValueError(f"branch_outputs needs form 'hybrid' or 'linear', not {spec.form!r}")
     fq = feature_map(q, fmap.wq, fmap.bq, spec)
     fk = feature_map(k, fmap.wk, fmap.bk, spec)
-    dspec = _decode_spec(spec)
-    own = (branch_BM[:, :, None] == branch_BM[:, None, :]) & real_BM[:, None, :]  # (B, M, M)
+    own_BMM = (branch_BM[:, :, None] == branch_BM[:, None, :]) & real_BM[:, None, :]
     if spec.form == "linear":
-        cdt = fq.dtype
-        lin = own & (pos_BM[:, None, :] <= pos_BM[:, :, None])
-        a = jnp.where(lin[:, None], jnp.einsum("bnhf,bmhf->bhnm", fq, fk), 0.0)
-        num = jnp.einsum("bhnm,bmhd->bnhd", a, v.astype(cdt)) + jnp.einsum("bnhf,bhfd->bnhd", fq, state.s_BHFD)
-        den = jnp.einsum("bhnm->bnh", a) + jnp.einsum("bnhf,bhf->bnh", fq, state.z_BHF) + LINEAR_DENOM_EPS
-        return (num / den[..., None]).astype(q.dtype)
-    R = ring_len(spec)
-    ring_k, ring_v, ring_fk, ring_pos_BR = _ring_in_order(state, R)
-    cand_k = jnp.concatenate([ring_k, k.astype(ring_k.dtype)], axis=1)
-    cand_v = jnp.concatenate([ring_v, v.astype(ring_v.dtype)], axis=1)
-    cand_fk = jnp.concatenate([ring_fk, fk], axis=1)
-    cand_pos = jnp.concatenate([ring_pos_BR, pos_BM], axis=1)
-    win, lin = key_sets(pos_BM[:, :, None], cand_pos[:, None, :], 0, dspec)
-    ok = jnp.concatenate([jnp.broadcast_to((ring_pos_BR >= 0)[:, None, :], own.shape[:2] + (R,)), own], axis=2)
-    y = _combine(q, cand_k, cand_v, fq, cand_fk, win & ok, lin & ok, theta_H, spec, state.s_BHFD, state.z_BHF)
-    return y.astype(q.dtype)
+        see_BMM = own_BMM & (pos_BM[:, None, :] <= pos_BM[:, :, None])
+        return _linear_new(state, v, fq, fk, see_BMM).astype(q.dtype)
+    cands = _candidates(state, k, v, fk, pos_BM, ring_len(spec))
+    return _hybrid_new(state, q, cands, fq, theta_H, spec, pos_BM, own_BMM).astype(q.dtype)
 
 
 def _call_key_sets(n_B, spec: LolcatsSpec, N: int):

@@ -91,7 +91,7 @@ def prefill_hidden(model: Llama, tokens_BT: jax.Array, lengths_B: jax.Array, max
 
 
 def _through_layers(model: Llama, cache: Cache, x, ctx, attend_softmax, attend_lolcats):
-    """Runs x through every layer on top of `cache`; attend_*(p, c, q, k, v) → (y, new layer cache)."""
+    """Runs x through every layer on top of `cache`; attend_*(p, c, q, k, v) → (y, new layer cache or None)."""
     new = []
     for seg, seg_cache in zip(segments_of(model.kinds), cache.segments):
         params = model._segment_params(seg)
@@ -165,26 +165,19 @@ def branch_hidden(model: Llama, cache: Cache, tokens_BM: jax.Array, offset_BM: j
     own_BMM = (branch_BM[:, :, None] == branch_BM[:, None, :]) & real_BM[:, None, :] \
         & (offset_BM[:, None, :] <= offset_BM[:, :, None])
 
-    def attend(kind, p, c, q, k, v):
-        if kind == "softmax":
-            S = c["k"].shape[1]
-            prefix_BMS = jnp.broadcast_to((jnp.arange(S)[None, :] < cache.pos[:, None])[:, None, :], own_BMM.shape[:2] + (S,))
-            kc = jnp.concatenate([c["k"], k.astype(c["k"].dtype)], axis=1)
-            vc = jnp.concatenate([c["v"], v.astype(c["v"].dtype)], axis=1)
-            return cached_softmax_attention(q, kc, vc, jnp.concatenate([prefix_BMS, own_BMM], axis=2))
+    def attend_softmax(p, c, q, k, v):
+        S = c["k"].shape[1]
+        prefix_BMS = jnp.broadcast_to((jnp.arange(S)[None, :] < cache.pos[:, None])[:, None, :], own_BMM.shape[:2] + (S,))
+        kc = jnp.concatenate([c["k"], k.astype(c["k"].dtype)], axis=1)
+        vc = jnp.concatenate([c["v"], v.astype(c["v"].dtype)], axis=1)
+        return cached_softmax_attention(q, kc, vc, jnp.concatenate([prefix_BMS, own_BMM], axis=2)), None
+
+    def attend_lolcats(p, c, q, k, v):
         return branch_outputs(c, q, repeat_kv(k, G), repeat_kv(v, G), L.fmap_params(p), p["window_logit"], spec,
-                              pos_BM, branch_BM, real_BM)
+                              pos_BM, branch_BM, real_BM), None
 
-    x = model.embed_tokens(tokens_BM)
-    for seg, seg_cache in zip(segments_of(model.kinds), cache.segments):
-        def body(x_BME, inputs, kind=seg.kind):
-            p, c = inputs
-            q, k, v = L.qkv(ctx, p, x_BME)
-            x_BME = x_BME + L.attn_out(ctx, p, attend(kind, p, c, q, k, v).astype(x_BME.dtype))
-            return x_BME + L.mlp(ctx, p, x_BME), None
-
-        x, _ = jax.lax.scan(body, x, (model._segment_params(seg), seg_cache))
-    return x
+    x, _ = _through_layers(model, cache, model.embed_tokens(tokens_BM), ctx, attend_softmax, attend_lolcats)
+    return x  # the cache is read, not advanced: the layers return no new one
 
 
 def decode_step(model: Llama, cache: Cache, tokens_B: jax.Array,
