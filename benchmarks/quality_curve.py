@@ -70,6 +70,8 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=100, help="documents per task (the first N: the same every point)")
     ap.add_argument("--ppl-tokens", type=int, default=8192)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--only", default=None, metavar="NAME,…",
+                    help="score only these points (e.g. teacher,distill:final: benchmarks/ablate.py)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "quality_curve_smollm2")
     args = ap.parse_args(argv)
 
@@ -110,8 +112,9 @@ def main(argv=None) -> int:
     cache: dict = {}
     models: dict = {}
     with compat.set_mesh(mesh):
+        only = set(args.only.split(",")) if args.only else None
         for point in plan_points(args.run, cfg):
-            if point["name"] in results:
+            if point["name"] in results or (only is not None and point["name"] not in only):
                 continue
             t0 = time.perf_counter()
             kind = point["kind"]
