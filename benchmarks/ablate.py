@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 # name → overrides. "distill:" variants train attention transfer only; "lora:" ones also finetune.
 VARIANTS: dict[str, tuple[str, ...]] = {
@@ -115,7 +116,6 @@ def _markdown(args, rows: dict) -> str:
 
 
 def _write(args, rows: dict) -> None:
-    sys.path.insert(0, str(ROOT))
     from lolcats_jax.fsio import write_text_atomic
 
     write_text_atomic(args.out.with_suffix(".json"), json.dumps({"rows": rows, "steps": args.steps,

@@ -81,6 +81,7 @@ def main(argv=None) -> int:
     from lolcats_jax.config import load_config
     from lolcats_jax.eval.runner import evaluate_task
     from lolcats_jax.eval.scoring import Scorer
+    from lolcats_jax.eval.stage import heldout_ids
     from lolcats_jax.eval.tasks import load_task
     from lolcats_jax.fsio import write_text_atomic
     from lolcats_jax.model.llama_config import LlamaConfig
@@ -93,22 +94,18 @@ def main(argv=None) -> int:
         return 2
     cfg = load_config(args.run / "config.yaml")
     tok = load_tokenizer(cfg.model.path)
-    ids: list[int] = []
-    for f in cfg.evaluate.perplexity:
-        ids += tok(Path(f).read_text(encoding="utf-8"))["input_ids"]
-    ids = ids[: args.ppl_tokens]
+    mesh = make_mesh(MeshShape(1, 1, 1), devices=jax.devices()[:1])
+    ctx = RunContext(cfg=cfg, run_dir=args.run, mesh=mesh, llama_cfg=LlamaConfig.from_hf_dir(cfg.model.path), tokenizer=tok)
+    ids = heldout_ids(ctx, args.ppl_tokens)
     if not ids:
         print(f"error: {args.run}/config.yaml: evaluate.perplexity names no held-out text", file=sys.stderr)
         return 2
     tasks = [load_task(name, limit=args.limit) for name in args.tasks.split(",")]
-    mesh = make_mesh(MeshShape(1, 1, 1), devices=jax.devices()[:1])
-    ctx = RunContext(cfg=cfg, run_dir=args.run, mesh=mesh, llama_cfg=LlamaConfig.from_hf_dir(cfg.model.path), tokenizer=tok)
 
     json_path = args.out.with_suffix(".json")
     done = json.loads(json_path.read_text()) if json_path.exists() else {}
-    same = done.get("setup") == {"run": str(args.run), "tasks": args.tasks, "limit": args.limit, "ppl_tokens": len(ids)}
-    results: dict = done.get("points", {}) if same else {}
     setup = {"run": str(args.run), "tasks": args.tasks, "limit": args.limit, "ppl_tokens": len(ids)}
+    results: dict = done.get("points", {}) if done.get("setup") == setup else {}
     cache: dict = {}
     models: dict = {}
     with compat.set_mesh(mesh):
@@ -155,6 +152,8 @@ def _table(results: dict, args) -> None:
 def _plot(results: dict, path: Path, setup: dict) -> None:
     import matplotlib
 
+    from lolcats_jax.fsio import atomic_path
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -180,10 +179,8 @@ def _plot(results: dict, path: Path, setup: dict) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
 
 
 if __name__ == "__main__":

@@ -43,14 +43,16 @@ def _models(ctx: RunContext):
     return out
 
 
-def _heldout_ids(ctx: RunContext) -> list[int]:
+def heldout_ids(ctx: RunContext, max_tokens: int | None = None) -> list[int]:
+    """Token ids of the `evaluate.perplexity` files, concatenated, cut to `max_tokens` (default
+    `evaluate.max_perplexity_tokens`)."""
     ids: list[int] = []
     for f in ctx.cfg.evaluate.perplexity:
         p = Path(f)
         if not p.is_file():
             raise UserError(f"evaluate.perplexity: {p} not found")
         ids += ctx.tokenizer(p.read_text(encoding="utf-8"))["input_ids"]
-    return ids[: ctx.cfg.evaluate.max_perplexity_tokens]
+    return ids[: ctx.cfg.evaluate.max_perplexity_tokens if max_tokens is None else max_tokens]
 
 
 def run_evaluate(ctx: RunContext) -> dict:
@@ -60,7 +62,7 @@ def run_evaluate(ctx: RunContext) -> dict:
 
     ev = ctx.cfg.evaluate
     chunk = ctx.cfg.distill.data.chunk_size
-    heldout = _heldout_ids(ctx) if ev.perplexity else []
+    heldout = heldout_ids(ctx) if ev.perplexity else []
     tasks = [load_task(name, limit=(ev.mmlu_limit or ev.limit) if name == "mmlu" else ev.limit,
                        mmlu_subjects=ev.mmlu_subjects, mmlu_shots=ev.mmlu_shots) for name in ev.tasks]
     results: dict[str, dict] = {}

@@ -168,10 +168,11 @@ class Rehearsal:
 
         from lolcats_jax.model.llama_config import LlamaConfig
 
-        num_blocks = len(block_starts(LlamaConfig.from_hf_dir(cfg.model.path).num_layers, cfg.block.size))
+        num_layers = LlamaConfig.from_hf_dir(cfg.model.path).num_layers
+        num_blocks = len(block_starts(num_layers, cfg.block.size))
         report: dict[str, Any] = {"config": str(self.config), "processes": self.processes, "devices": self.devices,
                                   "stages": list(cfg.run.stages), "jobs": [], "seed": self.seed,
-                                  "layers": LlamaConfig.from_hf_dir(cfg.model.path).num_layers,
+                                  "layers": num_layers,
                                   "num_blocks": num_blocks}
         # the reference: every stage in one process on one device
         ref_dir = self.out / "runs" / "reference"
