@@ -41,3 +41,16 @@ def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     out = tmp_path_factory.mktemp("smollm2") / "smollm2-135m"
     convert(default_gguf_path(), out)
     return out
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Longest first: the multi-process ``slow`` tests (minutes each), then the other ``slow`` ones, then the rest, each
+    group in collection order. pytest-xdist hands the first items out round-robin, so both workers start on a long
+    test and the short ones fill the end, instead of one long test started late being the suite's last minutes."""
+
+    def rank(item: pytest.Item) -> int:
+        if item.get_closest_marker("slow") is None:
+            return 2
+        return 0 if item.get_closest_marker("multiprocess") is not None else 1
+
+    items.sort(key=rank)  # stable

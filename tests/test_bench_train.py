@@ -8,9 +8,12 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from tests.train_fixtures import write_tiny_model
 
 
+@pytest.mark.slow
 def test_train_benchmark_cli(tmp_path, smollm2_dir, capsys):
     from lolcats_jax.bench.__main__ import main
 

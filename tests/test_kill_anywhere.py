@@ -98,6 +98,8 @@ def _check_killed_everywhere(reference: list[str], killed: list[str]) -> None:
     assert not missed, f"crash points of the uninterrupted run never killed at: {missed}"
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_joint_recipe_killed_at_every_point(tiny):
     model_dir, data_dir, root = tiny
     base = ["run.stages=[distill,finetune,export]",
@@ -123,6 +125,8 @@ def test_joint_recipe_killed_at_every_point(tiny):
           f"{len(reference)} points in an uninterrupted run")
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_blockwise_stages_killed_at_every_point(tiny):
     model_dir, data_dir, root = tiny
     base = ["run.stages=[collect,distill_block,stitch]", "block.size=2", "block.max_train_samples=4",

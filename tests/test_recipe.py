@@ -152,6 +152,7 @@ def test_full_recipe_and_stage_skipping(tiny, tmp_path):
     assert points["distill:0"]["ppl"] != points["distill:6"]["ppl"] and curve.with_suffix(".png").stat().st_size > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["qwen2", "qwen3", "mixtral"])
 def test_family_recipe_end_to_end(tmp_path, smollm2_dir, family):
     """Qwen2 / Qwen3 / Mixtral through the recipe: distill → finetune → export, and transformers loads the export
@@ -196,6 +197,8 @@ def _without_timings(x):
     return x
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_processes_match_one(tiny, tmp_path):
     """The whole recipe — distill, finetune, evaluate (perplexity, attention MSE, a benchmark task), export — as 2
     local processes × 1 CPU device each (jax.distributed on 127.0.0.1) vs 1 process × 2 devices: the same losses,

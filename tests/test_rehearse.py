@@ -89,6 +89,8 @@ def _rehearse(name, layout, seed, out, layers):
     return json.loads(report_path.read_text())
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("name,layout,seed,layers", [("llama3_1_8b", "1x8", 1, 4), ("llama3_1_70b_blockwise", "2x4", 3, 10)])
 def test_rehearsal(name, layout, seed, layers, tmp_path):
     """The shipped config as its cluster runs it, with fewer layers. CI keeps two within its budget: the 8B recipe's

@@ -184,6 +184,7 @@ MATRIX = {  # model → batch sizes compared with batch 1, and whether a fake-de
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(MATRIX))
 def test_every_batch_size_and_a_mesh_score_alike(name, tok, task_set, boundary_requests):
     """max_length 128: SciQ paragraphs and 5-shot MMLU prompts are truncated the harness's way, and the requests
@@ -246,6 +247,7 @@ def test_perplexity_is_batch_invariant(tok):
     assert scorer.perplexity(ids, chunk_len=200, batch_size=8).nll_per_token == pytest.approx(long.nll_per_token, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_lm_eval_adapter_is_batch_invariant(tok, task_set):
     pytest.importorskip("lm_eval")
     from lm_eval.api.instance import Instance
@@ -289,6 +291,7 @@ def torch_logliks_one_by_one(hf, requests, threads: int = 2) -> list[tuple[float
     return out
 
 
+@pytest.mark.slow
 def test_linearized_scores_equal_transformers_on_the_exported_model(tok, smollm2_dir, tmp_path, boundary_requests):
     """50 documents (20 long SciQ, 15 HellaSwag, 15 ARC-Easy) and the boundary-length requests, scored by our
     batched scorer (batch 8) and by the exported HF directory (LoRA merged) in transformers, one unpadded sequence

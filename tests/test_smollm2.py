@@ -36,6 +36,7 @@ def _real_text(tokenizer, n_tokens: int) -> list[int]:
     return ids
 
 
+@pytest.mark.slow
 def test_logits_parity_on_real_text(models):
     jax_model, torch_model, tok = models
     ids = _real_text(tok, 320)

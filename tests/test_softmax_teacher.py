@@ -10,6 +10,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from lolcats_jax.model import softmax_attention as sa
 
@@ -34,6 +35,7 @@ def _numpy_teacher(q, k, v):
     return np.einsum("bhij,bjhd->bihd", p, v)
 
 
+@pytest.mark.slow
 def test_query_blocks_equal_the_dense_teacher():
     q, k, v = _inputs()
     dense = sa._dense_causal(q, k, v)

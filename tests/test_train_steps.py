@@ -92,6 +92,7 @@ def _torch_qkv_and_teacher(tm, tokens, layer):
     return t(q), t(k), t(v), t(y)
 
 
+@pytest.mark.slow
 def test_distill_step_matches_reference(family_dir):
     from kernels.lolcats import FeatureMapParams, lolcats_attention_reference
 
@@ -198,6 +199,7 @@ def test_lora_step_matches_torch(family_dir):
 @pytest.mark.parametrize("family_dir,kind", [("llama", "distill"), ("llama", "lora"), ("qwen2", "lora"),
                                              ("qwen3", "distill"), ("mixtral", "distill"), ("mixtral", "lora")],
                          indirect=["family_dir"])
+@pytest.mark.slow
 def test_sharded_step_equals_single_device(family_dir, kind):
     cfg = _cfg(family_dir)
     tokens = _tokens(8, 40, seed=2)  # > 2W, so the linear part of the tk window is exercised
@@ -226,6 +228,7 @@ def test_sharded_step_equals_single_device(family_dir, kind):
     np.testing.assert_allclose(losses[0], losses[1], rtol=2e-5)
 
 
+@pytest.mark.slow
 def test_lora_dropout_matches_torch_with_the_same_masks(tiny_dir):
     """h = W x + (α/r)·B A (m ⊙ x)/(1-p) (PEFT's lora_dropout) on every adapter, masks independent per layer and
     target, base path untouched: the JAX loss and LoRA gradients equal a torch computation that applies the same
