@@ -76,6 +76,7 @@ def test_launch_plan_follows_the_documented_layout(tmp_path):
                                                      ["stitch+finetune+evaluate"], ["export"]]
     assert waves[0][0].processes == 4 and waves[0][0].devices == 8
     assert all((j.processes, j.devices) == (1, 1) and "mesh.tensor=1" in j.args for j in waves[1])
+    assert (waves[3][0].processes, waves[3][0].devices) == (4, 8)  # the config's tensor-8 mesh: one device cannot hold it
     _, joint = _shrunk("llama3_1_70b", tmp_path)
     assert [[j.name for j in w] for w in job_plan(joint, 2, 4, 2, 16)] == [["distill+finetune+evaluate+export"]]
 

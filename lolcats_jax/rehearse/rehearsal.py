@@ -6,7 +6,8 @@ How a config's stages are launched (as its comments and docs/slurm_blockwise.md 
 * every stage except `distill_block` runs as one job of P processes × D devices with the config's mesh;
 * `distill_block` runs as independent one-device jobs (a SLURM array), `block_workers` of them at once, each
   training a contiguous range of blocks;
-* a config without an `export` stage gets one (`--stage export`) so that its result can be checked in transformers.
+* a config without an `export` stage gets one (`--stage export`, P × D with the config's mesh, like the stages
+  before it) so that its result can be checked in transformers.
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ def job_plan(cfg: Config, processes: int, devices: int, block_workers: int, num_
         ])
     flush()
     if "export" not in cfg.run.stages:
-        waves.append([launch.Job("export", ("--stage", "export"), ("export",), 1, 1)])
+        # on the cluster layout with the config's mesh, as a user would export a model no single device holds
+        waves.append([launch.Job("export", ("--stage", "export"), ("export",), processes, devices)])
     return waves
 
 
@@ -169,7 +171,8 @@ class Rehearsal:
         from lolcats_jax.model.llama_config import LlamaConfig
 
         num_layers = LlamaConfig.from_hf_dir(cfg.model.path).num_layers
-        num_blocks = len(block_starts(num_layers, cfg.block.size))
+        blockwise = "distill_block" in cfg.run.stages
+        num_blocks = len(block_starts(num_layers, cfg.block.size)) if blockwise else None
         report: dict[str, Any] = {"config": str(self.config), "processes": self.processes, "devices": self.devices,
                                   "stages": list(cfg.run.stages), "jobs": [], "seed": self.seed,
                                   "layers": num_layers,
@@ -275,7 +278,7 @@ def format_report(r: dict) -> str:
     lines = [
         f"# Rehearsal of {r['config']}", "",
         f"- layout: {r['processes']} processes × {r['devices']} devices; stages {r['stages']}; "
-        f"{r.get('layers')} layers ({r.get('num_blocks')} blocks)",
+        f"{r.get('layers')} layers" + (f" ({r['num_blocks']} blocks)" if r.get("num_blocks") else ""),
         f"- reference (1 process × 1 device): {r.get('reference_seconds')} s; cluster layout: {r.get('cluster_seconds')} s; "
         f"all: {r.get('seconds')} s",
         f"- kill: process {kill.get('process')} of {kill.get('job')}, {kill.get('killed_after_s')} s into '{kill.get('stage')}' — "
