@@ -153,6 +153,60 @@ def test_full_recipe_and_stage_skipping(tiny, tmp_path):
 
 
 @pytest.mark.slow
+def test_evaluate_resumes_from_its_finished_measurements(tiny, tmp_path):
+    """The evaluate stage keeps each finished measurement (model × perplexity / attention MSE / task) under
+    evaluate/parts with a fingerprint of what it depends on: a re-run reuses the matching ones without loading a
+    model, and measures again what a changed setting or a retrained stage invalidates."""
+    model_dir, data_dir = tiny
+    run_dir = tmp_path / "run"
+    over = tiny_overrides(model_dir, data_dir, run_dir) + [
+        "run.stages=[distill,finetune,evaluate]", "distill.max_steps=2", "finetune.max_steps=1",
+        "evaluate.attention_mse_batches=1", "evaluate.tasks=[arc_easy]", "evaluate.limit=3",
+        "evaluate.task_models=[teacher,finetune]"]
+    res = subprocess.run(_train_cmd(over), env=_env(), cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    parts = run_dir / "evaluate" / "parts"
+    assert sorted(p.name for p in parts.iterdir()) == [
+        "distill.attention_mse.json", "distill.perplexity.json", "finetune.perplexity.json", "finetune.task.arc_easy.json",
+        "teacher.perplexity.json", "teacher.task.arc_easy.json"]
+    first = json.loads((run_dir / "evaluate" / "results.json").read_text())["models"]
+    # a marked value: if the re-run measured the teacher's perplexity again, the mark would be gone
+    teacher_ppl = parts / "teacher.perplexity.json"
+    marked = json.loads(teacher_ppl.read_text())
+    marked["result"]["ppl"] = 12345.0
+    teacher_ppl.write_text(json.dumps(marked))
+    res = subprocess.run(_train_cmd(over, stage="evaluate"), env=_env(), cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stderr.count("measurements from an earlier run") == 3, res.stderr[-2000:]
+    assert "stacked tensors" not in res.stderr, "a model was loaded although every measurement was on disk"
+    second = json.loads((run_dir / "evaluate" / "results.json").read_text())["models"]
+    assert second["softmax teacher"]["perplexity"]["ppl"] == 12345.0
+    for label in ("after attention transfer (distill)", "after LoRA finetuning"):
+        assert second[label] == first[label]
+    # another token cap invalidates the perplexities only; the task scores are reused
+    res = subprocess.run(_train_cmd(over + ["evaluate.max_perplexity_tokens=256"], stage="evaluate"), env=_env(), cwd=REPO,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    third = json.loads((run_dir / "evaluate" / "results.json").read_text())["models"]
+    assert third["softmax teacher"]["perplexity"]["ppl"] != 12345.0
+    assert all(m["perplexity"]["tokens"] < first[label]["perplexity"]["tokens"] for label, m in third.items())
+    assert third["softmax teacher"]["tasks"] == first["softmax teacher"]["tasks"]
+    assert third["after attention transfer (distill)"]["attention_mse"] == first["after attention transfer (distill)"]["attention_mse"]
+    # retraining finetune (a new done.json) invalidates the finetuned model's measurements, and only those
+    done = run_dir / "finetune" / "done.json"
+    summary = json.loads(done.read_text())
+    summary["seconds"] = summary.get("seconds", 0) + 1.0
+    done.write_text(json.dumps(summary))
+    before = {p.name: p.read_text() for p in parts.iterdir()}
+    res = subprocess.run(_train_cmd(over + ["evaluate.max_perplexity_tokens=256"], stage="evaluate"), env=_env(), cwd=REPO,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    after = {p.name: p.read_text() for p in parts.iterdir()}
+    changed = {n for n in after if after[n] != before.get(n)}
+    assert changed == {"finetune.perplexity.json", "finetune.task.arc_easy.json"}, changed
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["qwen2", "qwen3", "mixtral"])
 def test_family_recipe_end_to_end(tmp_path, smollm2_dir, family):
     """Qwen2 / Qwen3 / Mixtral through the recipe: distill → finetune → export, and transformers loads the export

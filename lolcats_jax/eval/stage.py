@@ -1,6 +1,7 @@
 """The `evaluate` stage: the softmax teacher, the model right after attention transfer and the finetuned model,
 side by side — held-out perplexity, benchmark accuracies (subsets on CPU, sizes stated), training figures —
-written to `<run.dir>/report.md`, `<run.dir>/evaluate/results.json` and a bar chart PNG."""
+written to `<run.dir>/report.md`, `<run.dir>/evaluate/results.json` and a bar chart PNG. Each finished measurement
+is kept under `evaluate/parts` (`eval.progress`): an interrupted stage resumes at the first unfinished one."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import jax
 
+from lolcats_jax.config import to_dict
 from lolcats_jax.errors import UserError
 from lolcats_jax.fsio import atomic_path, write_text_atomic
 from lolcats_jax.train.stages import RunContext, attention_source_stage, load_base, load_stage_params, stage_done
@@ -55,8 +57,22 @@ def heldout_ids(ctx: RunContext, max_tokens: int | None = None) -> list[int]:
     return ids[: ctx.cfg.evaluate.max_perplexity_tokens if max_tokens is None else max_tokens]
 
 
+def _model_fingerprint(ctx: RunContext, key: str) -> dict:
+    """What a model's scores depend on: the base weights and dtypes, and for a linearized or finetuned model its
+    settings and the summaries of the stages whose parameters it loads (rewritten whenever such a stage re-runs)."""
+    cfg = ctx.cfg
+    fp: dict = {"key": key, "model": to_dict(cfg.model)}
+    if key in ("distill", "finetune") and cfg.attention.kind == "lolcats":
+        src = attention_source_stage(ctx)
+        fp.update(attention=to_dict(cfg.attention), source=src, source_done=stage_done(ctx, src))
+    if key == "finetune":
+        fp.update(lora=to_dict(cfg.finetune.lora), finetune_done=stage_done(ctx, "finetune"))
+    return fp
+
+
 def run_evaluate(ctx: RunContext) -> dict:
-    from lolcats_jax.eval.runner import evaluate_tasks
+    from lolcats_jax.eval.progress import EvalProgress, fingerprint
+    from lolcats_jax.eval.runner import evaluate_task
     from lolcats_jax.eval.scoring import Scorer
     from lolcats_jax.eval.tasks import load_task
 
@@ -65,28 +81,45 @@ def run_evaluate(ctx: RunContext) -> dict:
     heldout = heldout_ids(ctx) if ev.perplexity else []
     tasks = [load_task(name, limit=(ev.mmlu_limit or ev.limit) if name == "mmlu" else ev.limit,
                        mmlu_subjects=ev.mmlu_subjects, mmlu_shots=ev.mmlu_shots) for name in ev.tasks]
+    progress = EvalProgress(ctx.stage_dir("evaluate"), ctx.is_main, ctx.process_count)
     results: dict[str, dict] = {}
     keys: dict[str, str] = {}
     for label, key, load in _models(ctx):
         keys[label] = key
-        print(f"[evaluate] {label}", file=sys.stderr, flush=True)
-        model = load()
-        scorer = Scorer(model)
-        entry: dict = {}
+        model_fp = _model_fingerprint(ctx, key)
+        # (item, fingerprint, measure) for every measurement of this model
+        items: list = []
         if heldout:
-            ppl = scorer.perplexity(heldout, chunk, None, ev.batch_size)
-            entry["perplexity"] = {"ppl": ppl.ppl, "nll": ppl.nll_per_token, "tokens": ppl.n_tokens}
+            items.append(("perplexity", fingerprint([model_fp, fingerprint(heldout), chunk]),
+                          lambda scorer, model: _perplexity(scorer, heldout, chunk, ev.batch_size)))
         if key == "distill" and ev.attention_mse_batches > 0:
-            from lolcats_jax.train.attention_mse import attention_mse
-
-            entry["attention_mse"] = attention_mse(ctx, model)
-            print(f"[evaluate] attention MSE {entry['attention_mse']['mse']:.4g} (mean over layers, "
-                  f"{entry['attention_mse']['tokens']} validation tokens)", file=sys.stderr, flush=True)
-        if tasks and key in ev.task_models:
-            entry["tasks"] = evaluate_tasks(scorer, ctx.tokenizer, tasks, ev.batch_size)
+            items.append(("attention_mse", fingerprint([model_fp, ev.attention_mse_batches, to_dict(ctx.cfg.distill.data),
+                                                        ctx.cfg.distill.batch_size]),
+                          lambda scorer, model: _attention_mse(ctx, model)))
+        if key in ev.task_models:
+            for task in tasks:
+                items.append((f"task.{task.name}", fingerprint([model_fp, task.name, len(task.docs), ev.limit, ev.mmlu_limit,
+                                                                ev.mmlu_subjects, ev.mmlu_shots]),
+                              lambda scorer, model, task=task: evaluate_task(scorer, ctx.tokenizer, task, ev.batch_size)))
+        done = {item: progress.get(key, item, fp) for item, fp, _ in items}
+        todo = [(item, fp, measure) for item, fp, measure in items if done[item] is None]
+        print(f"[evaluate] {label}" + (f" ({len(items) - len(todo)} of {len(items)} measurements from an earlier run)"
+                                       if len(todo) < len(items) else ""), file=sys.stderr, flush=True)
+        if todo:
+            model = load()
+            scorer = Scorer(model)
+            for item, fp, measure in todo:
+                done[item] = measure(scorer, model)
+                progress.put(key, item, fp, done[item])
+            del model, scorer
+            jax.clear_caches()
+        entry: dict = {}
+        for item, _, _ in items:
+            if item.startswith("task."):
+                entry.setdefault("tasks", {})[item[len("task."):]] = done[item]
+            else:
+                entry[item] = done[item]
         results[label] = entry
-        del model, scorer
-        jax.clear_caches()
     summary = {"models": results, "keys": keys,
                "attention_source": attention_source_stage(ctx) if ctx.cfg.attention.kind == "lolcats" else None,
                "training": _training(ctx)}
@@ -99,6 +132,20 @@ def run_evaluate(ctx: RunContext) -> dict:
         _bar_chart(ctx.run_dir / "plots" / "eval_tasks.png", results)
         print("\n" + report, flush=True)
     return {"report": str(ctx.run_dir / "report.md"), **{k: _short(v) for k, v in results.items()}}
+
+
+def _perplexity(scorer, ids: list[int], chunk: int, batch_size: int) -> dict:
+    ppl = scorer.perplexity(ids, chunk, None, batch_size)
+    return {"ppl": ppl.ppl, "nll": ppl.nll_per_token, "tokens": ppl.n_tokens}
+
+
+def _attention_mse(ctx: RunContext, model) -> dict:
+    from lolcats_jax.train.attention_mse import attention_mse
+
+    out = attention_mse(ctx, model)
+    print(f"[evaluate] attention MSE {out['mse']:.4g} (mean over layers, {out['tokens']} validation tokens)",
+          file=sys.stderr, flush=True)
+    return out
 
 
 def _training(ctx: RunContext) -> dict[str, dict]:
