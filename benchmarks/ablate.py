@@ -37,6 +37,10 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "lora:lr_1e-3": ("finetune.optim.lr=0.001",),
     "lora:rank_16": ("finetune.lora.rank=16", "finetune.lora.alpha=32"),
     "lora:qkvo_mlp": ("finetune.lora.targets=[q,k,v,o,gate,up,down]",),
+    # LoRA on plain text of the distill kind instead of the Alpaca-format records: does the finetune then repair the
+    # linear attention on held-out news instead of adapting to math / extractive QA (quality_smollm2.md)?
+    "lora:plain_text": ("finetune.data.format=text", "finetune.data.train=[data/quality/distill_train.jsonl]",
+                        "finetune.data.validation=[data/quality/distill_val.jsonl]"),
 }
 
 
@@ -86,18 +90,23 @@ def main(argv=None) -> int:
             return 1
         point = "distill:final" if kind == "distill" else "finetune:final"
         curve = run_dir / "subset"
+        # the teacher does not depend on the variant: scored with the first variant, reused by the others
+        teacher = next((r["teacher"] for r in rows.values() if "teacher" in r), None)
+        only = point if teacher else f"teacher,{point}"
         res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quality_curve.py"), "--run", str(run_dir),
                               "--tasks", args.tasks, "--limit", str(args.limit), "--ppl-tokens", str(args.ppl_tokens),
-                              "--only", f"teacher,{point}", "--out", str(curve)], cwd=ROOT, env=env,
+                              "--only", only, "--out", str(curve)], cwd=ROOT, env=env,
                              stdout=subprocess.DEVNULL)
         if res.returncode:
             print(f"error: {name}: scoring exited {res.returncode}", file=sys.stderr)
             return 1
         points = json.loads(curve.with_suffix(".json").read_text())["points"]
+        teacher = teacher or {"ppl": points["teacher"]["ppl"], "mean_acc": points["teacher"]["mean_acc"],
+                              "tasks": points["teacher"]["tasks"]}
         done = json.loads((run_dir / ("distill" if kind == "distill" else "finetune") / "done.json").read_text())
         rows[name] = {"overrides": list(VARIANTS[name]), "ppl": points[point]["ppl"], "mean_acc": points[point]["mean_acc"],
-                      "tasks": points[point]["tasks"], "teacher_ppl": points["teacher"]["ppl"],
-                      "teacher_mean_acc": points["teacher"]["mean_acc"], "best_eval_loss": done.get("best_eval_loss"),
+                      "tasks": points[point]["tasks"], "teacher": teacher,
+                      "teacher_ppl": teacher["ppl"], "teacher_mean_acc": teacher["mean_acc"], "best_eval_loss": done.get("best_eval_loss"),
                       "tokens_per_s": done.get("tokens_per_s")}
         _write(args, rows)
     print(_markdown(args, rows))

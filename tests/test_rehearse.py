@@ -81,6 +81,27 @@ def test_launch_plan_follows_the_documented_layout(tmp_path):
     assert [[j.name for j in w] for w in job_plan(joint, 2, 4, 2, 16)] == [["distill+finetune+evaluate+export"]]
 
 
+def test_a_job_past_its_time_limit_is_killed_and_named(tmp_path):
+    """A job still running at the deadline is killed (every process) and the failure says it was the time limit,
+    not a crash: on a loaded machine the cure is `--timeout`, not a bug hunt."""
+    from lolcats_jax.rehearse import launch
+    from lolcats_jax.rehearse.rehearsal import Rehearsal, RehearsalFailure
+
+    procs = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) for _ in range(2)]
+    run = launch.Running(launch.Job("slow", (), ("distill",), 2, 1), procs, [tmp_path / "p0.log"] * 2, 0.0)
+    codes = launch.wait(run, 0.5)
+    assert run.timed_out and all(c < 0 for c in codes), codes
+    r = Rehearsal(config=tmp_path / "x.yaml", out=tmp_path, processes=2, devices=1, timeout_s=0.5)
+    with pytest.raises(RehearsalFailure, match=r"job slow was killed at its time limit of 0.5 s \(--timeout"):
+        r._check_codes(run, codes)
+    done = launch.Running(launch.Job("crash", (), ("distill",), 1, 1),
+                          [subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])], [tmp_path / "p0.log"], 0.0)
+    codes = launch.wait(done, 30.0)
+    assert not done.timed_out and codes == [3]
+    with pytest.raises(RehearsalFailure, match=r"job crash exited \[3\]"):
+        r._check_codes(done, codes)
+
+
 def _rehearse(name, layout, seed, out, layers):
     cmd = [sys.executable, "-m", "lolcats_jax.rehearse", "--config", str(REPO / "configs" / f"{name}.yaml"),
            "--layout", layout, "--seed", str(seed), "--out", str(out), "--layers", str(layers)]

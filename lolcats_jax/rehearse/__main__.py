@@ -35,7 +35,11 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=None,
                     help="decoder layers of the tiny model (default: the config's; fewer makes a quicker rehearsal of the "
                          "same mesh, stages, intervals and kill, e.g. the test suite's)")
+    ap.add_argument("--timeout", type=float, default=1800.0,
+                    help="seconds one job may run before it is killed and the rehearsal fails (default 1800)")
     args = ap.parse_args(argv)
+    if args.timeout <= 0:
+        ap.error(f"--timeout {args.timeout}: expected a positive number of seconds")
     from lolcats_jax.config import load_config
     from lolcats_jax.rehearse.rehearsal import Rehearsal, RehearsalFailure, default_layout, format_report
 
@@ -43,7 +47,8 @@ def main(argv=None) -> int:
     processes, devices = args.layout or default_layout(load_config(config))
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="lolcats-rehearse-"))
     r = Rehearsal(config=config, out=out.absolute(), processes=processes, devices=devices, seed=args.seed,
-                  kill=not args.no_kill, block_workers=args.block_workers, layers=args.layers)
+                  kill=not args.no_kill, block_workers=args.block_workers, layers=args.layers,
+                  timeout_s=args.timeout)
     try:
         report = r.run()
     except RehearsalFailure as e:

@@ -43,6 +43,7 @@ class Running:
     procs: list[subprocess.Popen]
     logs: list[Path]
     started: float
+    timed_out: bool = False  # killed by `wait` at its deadline
 
 
 def _free_port() -> int:
@@ -78,6 +79,7 @@ def wait(run: Running, timeout_s: float) -> list[int]:
     deadline = time.perf_counter() + timeout_s
     while any(p.poll() is None for p in run.procs):
         if time.perf_counter() > deadline:
+            run.timed_out = True
             kill_all(run)
             break
         if any(p.returncode not in (None, 0) for p in run.procs):  # one died: the others would wait forever

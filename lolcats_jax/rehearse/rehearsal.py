@@ -157,7 +157,9 @@ class Rehearsal:
     def _check_codes(self, r: launch.Running, codes: list[int]) -> None:
         if any(codes):
             tail = "\n".join(launch.last_line(l) for l in r.logs)
-            raise RehearsalFailure(f"job {r.job.name} exited {codes}; last lines:\n{tail}\n(logs: {r.logs[0].parent})")
+            why = (f"was killed at its time limit of {self.timeout_s:g} s (--timeout; a loaded machine needs more)"
+                   if r.timed_out else f"exited {codes}")
+            raise RehearsalFailure(f"job {r.job.name} {why}; last lines:\n{tail}\n(logs: {r.logs[0].parent})")
 
     def run(self) -> dict:
         t_all = time.perf_counter()
