@@ -66,7 +66,8 @@ def plan_points(run_dir: Path, cfg) -> list[dict]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", type=Path, required=True, help="run directory (holds config.yaml)")
-    ap.add_argument("--tasks", default="arc_easy,hellaswag,piqa")
+    ap.add_argument("--tasks", default="arc_easy,hellaswag,piqa",
+                    help="comma-separated tasks scored at every point; '' for perplexity only (~4x quicker)")
     ap.add_argument("--limit", type=int, default=100, help="documents per task (the first N: the same every point)")
     ap.add_argument("--ppl-tokens", type=int, default=8192)
     ap.add_argument("--batch-size", type=int, default=8)
@@ -100,7 +101,7 @@ def main(argv=None) -> int:
     if not ids:
         print(f"error: {args.run}/config.yaml: evaluate.perplexity names no held-out text", file=sys.stderr)
         return 2
-    tasks = [load_task(name, limit=args.limit) for name in args.tasks.split(",")]
+    tasks = [load_task(name, limit=args.limit) for name in args.tasks.split(",") if name.strip()]
 
     json_path = args.out.with_suffix(".json")
     done = json.loads(json_path.read_text()) if json_path.exists() else {}
@@ -131,22 +132,26 @@ def main(argv=None) -> int:
             results[point["name"]] = {
                 "tokens": point["tokens"], "kind": kind, "ppl": ppl.ppl,
                 "tasks": {k: {"acc": v["acc"], "acc_norm": v.get("acc_norm"), "n": v["n"]} for k, v in accs.items()},
-                "mean_acc": sum(v["acc"] for v in accs.values()) / len(accs),
+                "mean_acc": sum(v["acc"] for v in accs.values()) / len(accs) if accs else None,
                 "seconds": time.perf_counter() - t0,
             }
             write_text_atomic(json_path, json.dumps({"setup": setup, "points": results}, indent=1))
-            print(f"{point['name']}: ppl {ppl.ppl:.3f}, mean acc {results[point['name']]['mean_acc']:.4f} "
+            print(f"{point['name']}: ppl {ppl.ppl:.3f}, mean acc {_acc(results[point['name']]['mean_acc'])} "
                   f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
     _table(results, args)
     _plot(results, args.out.with_suffix(".png"), setup)
     return 0
 
 
+def _acc(mean_acc) -> str:
+    return "–" if mean_acc is None else f"{mean_acc:.4f}"
+
+
 def _table(results: dict, args) -> None:
     print(f"| point | training tokens | held-out ppl | mean acc ({args.tasks}, n={args.limit} each) |")
     print("|---|---:|---:|---:|")
     for name, r in sorted(results.items(), key=lambda kv: (kv[1]["tokens"], kv[1]["kind"] != "teacher")):
-        print(f"| {name} | {r['tokens']:,} | {r['ppl']:.3f} | {r['mean_acc']:.4f} |")
+        print(f"| {name} | {r['tokens']:,} | {r['ppl']:.3f} | {_acc(r['mean_acc'])} |")
 
 
 def _plot(results: dict, path: Path, setup: dict) -> None:
@@ -158,24 +163,29 @@ def _plot(results: dict, path: Path, setup: dict) -> None:
     import matplotlib.pyplot as plt
 
     teacher = results.get("teacher")
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    with_acc = bool(setup["tasks"].strip(","))  # '' : a perplexity-only curve, one panel
+    fig, axes = plt.subplots(1, 2 if with_acc else 1, figsize=(11 if with_acc else 6, 4), squeeze=False)
+    ax1, ax2 = axes[0][0], (axes[0][1] if with_acc else None)
     for kind, color in (("distill", "tab:blue"), ("finetune", "tab:green")):
         pts = sorted((r["tokens"], r["ppl"], r["mean_acc"]) for n, r in results.items()
                      if r["kind"] == kind and not n.endswith(":final"))
         if pts:
             xs = [p[0] / 1e6 for p in pts]
             ax1.plot(xs, [p[1] for p in pts], "o-", color=color, label=kind)
-            ax2.plot(xs, [p[2] for p in pts], "o-", color=color, label=kind)
+            if ax2 is not None:
+                ax2.plot(xs, [p[2] for p in pts], "o-", color=color, label=kind)
     if teacher:
         ax1.axhline(teacher["ppl"], color="k", ls="--", label="softmax teacher")
         ax1.axhline(1.05 * teacher["ppl"], color="k", ls=":", label="1.05 × teacher")
-        ax2.axhline(teacher["mean_acc"], color="k", ls="--", label="softmax teacher")
+        if ax2 is not None:
+            ax2.axhline(teacher["mean_acc"], color="k", ls="--", label="softmax teacher")
     ax1.set_xlabel("training tokens (M)")
     ax1.set_ylabel(f"held-out perplexity ({setup['ppl_tokens']} tokens)")
     ax1.set_yscale("log")
-    ax2.set_xlabel("training tokens (M)")
-    ax2.set_ylabel(f"mean acc ({setup['tasks']}, n={setup['limit']})")
-    for ax in (ax1, ax2):
+    if ax2 is not None:
+        ax2.set_xlabel("training tokens (M)")
+        ax2.set_ylabel(f"mean acc ({setup['tasks']}, n={setup['limit']})")
+    for ax in axes[0]:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()

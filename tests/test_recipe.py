@@ -150,6 +150,16 @@ def test_full_recipe_and_stage_skipping(tiny, tmp_path):
     best = json.loads((run_dir / "distill" / "done.json").read_text())["best_eval_loss"]
     assert points["distill:final"]["ppl"] in (points["distill:3"]["ppl"], points["distill:6"]["ppl"]), best
     assert points["distill:0"]["ppl"] != points["distill:6"]["ppl"] and curve.with_suffix(".png").stat().st_size > 0
+    # a perplexity-only curve (--tasks ''): the same perplexities, no accuracy, a one-panel plot
+    ppl_only = tmp_path / "curve_ppl"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "quality_curve.py"), "--run", str(run_dir), "--tasks", "",
+           "--ppl-tokens", "96", "--only", "teacher,distill:final", "--out", str(ppl_only)]
+    res4 = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True)
+    assert res4.returncode == 0, res4.stderr[-3000:]
+    only = json.loads(ppl_only.with_suffix(".json").read_text())["points"]
+    assert list(only) == ["teacher", "distill:final"] and all(p["mean_acc"] is None and p["tasks"] == {} for p in only.values())
+    assert all(abs(only[k]["ppl"] - points[k]["ppl"]) <= 1e-6 * points[k]["ppl"] for k in only), (only, points)
+    assert ppl_only.with_suffix(".png").stat().st_size > 0
 
 
 @pytest.mark.slow
