@@ -138,11 +138,7 @@ def test_full_recipe_and_stage_skipping(tiny, tmp_path):
     assert res2.returncode == 0 and res2.stderr.count("already finished") == 4, res2.stderr[-2000:]
     # the quality curve scores the teacher, the fresh maps, each snapshot and the stage results
     curve = tmp_path / "curve"
-    cmd = [sys.executable, str(REPO / "benchmarks" / "quality_curve.py"), "--run", str(run_dir), "--tasks", "arc_easy",
-           "--limit", "3", "--ppl-tokens", "96", "--out", str(curve)]
-    res3 = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True)
-    assert res3.returncode == 0, res3.stderr[-3000:]
-    points = json.loads(curve.with_suffix(".json").read_text())["points"]
+    points = _curve(run_dir, curve, "--tasks", "arc_easy", "--limit", "3")
     assert list(points) == ["teacher", "distill:0", "distill:3", "distill:6", "distill:final", "finetune:2",
                             "finetune:4", "finetune:final"]
     assert [p["tokens"] for p in points.values()] == [0, 0, 192, 384, 384, 512, 640, 640]  # batch 2 × 32 tokens
@@ -152,14 +148,19 @@ def test_full_recipe_and_stage_skipping(tiny, tmp_path):
     assert points["distill:0"]["ppl"] != points["distill:6"]["ppl"] and curve.with_suffix(".png").stat().st_size > 0
     # a perplexity-only curve (--tasks ''): the same perplexities, no accuracy, a one-panel plot
     ppl_only = tmp_path / "curve_ppl"
-    cmd = [sys.executable, str(REPO / "benchmarks" / "quality_curve.py"), "--run", str(run_dir), "--tasks", "",
-           "--ppl-tokens", "96", "--only", "teacher,distill:final", "--out", str(ppl_only)]
-    res4 = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True)
-    assert res4.returncode == 0, res4.stderr[-3000:]
-    only = json.loads(ppl_only.with_suffix(".json").read_text())["points"]
+    only = _curve(run_dir, ppl_only, "--tasks", "", "--only", "teacher,distill:final")
     assert list(only) == ["teacher", "distill:final"] and all(p["mean_acc"] is None and p["tasks"] == {} for p in only.values())
     assert all(abs(only[k]["ppl"] - points[k]["ppl"]) <= 1e-6 * points[k]["ppl"] for k in only), (only, points)
     assert ppl_only.with_suffix(".png").stat().st_size > 0
+
+
+def _curve(run_dir: Path, out: Path, *args: str) -> dict:
+    """benchmarks/quality_curve.py on `run_dir` (96 held-out tokens); its points."""
+    cmd = [sys.executable, str(REPO / "benchmarks" / "quality_curve.py"), "--run", str(run_dir), "--ppl-tokens", "96",
+           "--out", str(out), *args]
+    res = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(out.with_suffix(".json").read_text())["points"]
 
 
 @pytest.mark.slow
