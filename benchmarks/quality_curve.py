@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", type=Path, required=True, help="run directory (holds config.yaml)")
     ap.add_argument("--tasks", default="arc_easy,hellaswag,piqa",
-                    help="comma-separated tasks scored at every point; '' for perplexity only (~4x quicker)")
+                    help="comma-separated tasks scored at every point; '' for perplexity only")
     ap.add_argument("--limit", type=int, default=100, help="documents per task (the first N: the same every point)")
     ap.add_argument("--ppl-tokens", type=int, default=8192)
     ap.add_argument("--batch-size", type=int, default=8)
