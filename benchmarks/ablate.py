@@ -7,12 +7,14 @@ Every variant is the base config with `distill.max_steps=--steps` plus its own o
 `runs/ablate/<name>` (re-running resumes: finished runs are skipped); the LoRA variants start from a copy of the
 `distill:base` run and add `--ft-steps` finetune steps and scored by `benchmarks/quality_curve.py --only` on one fixed subset: held-out perplexity of the base
 config's `evaluate.perplexity` text and accuracy on the first `--limit` documents of each `--tasks` task. Prints a
-markdown table and writes `<out>.json` / `<out>.md` (each point as soon as it is scored).
+markdown table and writes `<out>.json` / `<out>.md` (each point as soon as it is scored). One table holds one setup
+(base config by content, budget, scoring subset): a re-run with another is refused; give it a new --out and --runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -30,17 +32,19 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "distill:lr_3e-2": ("distill.optim.lr=0.03",),
     "distill:kaiming_init": ("attention.feature_init=kaiming",),
     "distill:feature_dim_128": ("attention.feature_dim=128",),
-    "distill:window_128": ("attention.window_size=128",),
+    # configs/smollm2_quality.yaml has window 128 since the 2026-12-04 ablations (window_128 there: 1.37x vs 1.61x)
+    "distill:window_64": ("attention.window_size=64",),
+    "distill:window_256": ("attention.window_size=256",),
     "distill:attention_xent": ("distill.xent_factor=1.0",),
     "lora:base": (),
     "lora:lr_1e-4": ("finetune.optim.lr=0.0001",),
     "lora:lr_1e-3": ("finetune.optim.lr=0.001",),
     "lora:rank_16": ("finetune.lora.rank=16", "finetune.lora.alpha=32"),
     "lora:qkvo_mlp": ("finetune.lora.targets=[q,k,v,o,gate,up,down]",),
-    # LoRA on plain text of the distill kind instead of the Alpaca-format records: does the finetune then repair the
-    # linear attention on held-out news instead of adapting to math / extractive QA (quality_smollm2.md)?
-    "lora:plain_text": ("finetune.data.format=text", "finetune.data.train=[data/quality/distill_train.jsonl]",
-                        "finetune.data.validation=[data/quality/distill_val.jsonl]"),
+    # the paper's LoRA data (Alpaca-format records) instead of the base config's plain text: on 2026-12-04 (then the
+    # base) it made held-out news perplexity worse, 1.61x -> 2.04x, where plain text gave 1.41x (quality_smollm2.md)
+    "lora:alpaca": ("finetune.data.format=alpaca", "finetune.data.train=[data/quality/alpaca_train.jsonl]",
+                    "finetune.data.validation=[data/quality/alpaca_val.jsonl]"),
 }
 
 
@@ -66,8 +70,16 @@ def main(argv=None) -> int:
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     rows: dict[str, dict] = {}
     json_path = args.out.with_suffix(".json")
+    setup = _setup(args)
     if json_path.exists():
-        rows = json.loads(json_path.read_text()).get("rows", {})
+        old = json.loads(json_path.read_text())
+        if old.get("setup") != setup:
+            # rows of another base config or budget must not be mixed into this table (nor its run dirs reused:
+            # the trainer refuses a run dir whose config changed)
+            print(f"error: {json_path} holds an ablation of another setup ({old.get('setup')}, this one: {setup}); "
+                  f"give a new --out and --runs", file=sys.stderr)
+            return 2
+        rows = old.get("rows", {})
     for name in names:
         kind, _, label = name.partition(":")
         run_dir = args.runs / name.replace(":", "_")
@@ -124,11 +136,17 @@ def _markdown(args, rows: dict) -> str:
     return "\n".join(lines)
 
 
+def _setup(args) -> dict:
+    """What every row of one table shares: the base config (by content), the budget and the scoring subset."""
+    return {"base": args.base.name, "base_sha256": hashlib.sha256(args.base.read_bytes()).hexdigest()[:16],
+            "steps": args.steps, "ft_steps": args.ft_steps, "tasks": args.tasks, "limit": args.limit,
+            "ppl_tokens": args.ppl_tokens}
+
+
 def _write(args, rows: dict) -> None:
     from lolcats_jax.fsio import write_text_atomic
 
-    write_text_atomic(args.out.with_suffix(".json"), json.dumps({"rows": rows, "steps": args.steps,
-                                                                  "ft_steps": args.ft_steps, "base": str(args.base)}, indent=1))
+    write_text_atomic(args.out.with_suffix(".json"), json.dumps({"rows": rows, "setup": _setup(args)}, indent=1))
     write_text_atomic(args.out.with_suffix(".md"), _markdown(args, rows) + "\n")
 
 
