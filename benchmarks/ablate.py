@@ -117,8 +117,7 @@ def main(argv=None) -> int:
                               "tasks": points["teacher"]["tasks"]}
         done = json.loads((run_dir / ("distill" if kind == "distill" else "finetune") / "done.json").read_text())
         rows[name] = {"overrides": list(VARIANTS[name]), "ppl": points[point]["ppl"], "mean_acc": points[point]["mean_acc"],
-                      "tasks": points[point]["tasks"], "teacher": teacher,
-                      "teacher_ppl": teacher["ppl"], "teacher_mean_acc": teacher["mean_acc"], "best_eval_loss": done.get("best_eval_loss"),
+                      "tasks": points[point]["tasks"], "teacher": teacher, "best_eval_loss": done.get("best_eval_loss"),
                       "tokens_per_s": done.get("tokens_per_s")}
         _write(args, rows)
     print(_markdown(args, rows))
@@ -132,7 +131,7 @@ def _markdown(args, rows: dict) -> str:
              "|---|---|---:|---:|---:|"]
     for name, r in rows.items():
         lines.append(f"| {name} | {' '.join(r['overrides']) or '—'} | {r['best_eval_loss']:.4g} | {r['ppl']:.3f} "
-                     f"({r['ppl'] / r['teacher_ppl']:.3f}×) | {r['mean_acc']:.4f} ({r['teacher_mean_acc']:.4f}) |")
+                     f"({r['ppl'] / r['teacher']['ppl']:.3f}×) | {r['mean_acc']:.4f} ({r['teacher']['mean_acc']:.4f}) |")
     return "\n".join(lines)
 
 

@@ -163,7 +163,7 @@ def _plot(results: dict, path: Path, setup: dict) -> None:
     import matplotlib.pyplot as plt
 
     teacher = results.get("teacher")
-    with_acc = bool(setup["tasks"].strip(","))  # '' : a perplexity-only curve, one panel
+    with_acc = any(r["mean_acc"] is not None for r in results.values())  # --tasks '': perplexity only, one panel
     fig, axes = plt.subplots(1, 2 if with_acc else 1, figsize=(11 if with_acc else 6, 4), squeeze=False)
     ax1, ax2 = axes[0][0], (axes[0][1] if with_acc else None)
     for kind, color in (("distill", "tab:blue"), ("finetune", "tab:green")):
