@@ -27,7 +27,6 @@ _initialized = False
 
 
 def maybe_initialize(run: RunConfig) -> None:
-    global _initialized
     if _initialized:
         return
     coordinator = run.coordinator or os.environ.get("LOLCATS_COORDINATOR")
@@ -36,15 +35,17 @@ def maybe_initialize(run: RunConfig) -> None:
     if coordinator or (num and num > 1):
         if not coordinator or num is None or pid is None:
             raise ValueError("multi-process runs need run.coordinator, run.num_processes and run.process_id (or the LOLCATS_* variables)")
-        _cpu_collectives()
-        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num, process_id=pid)
-        _initialized = True
-        _open_cpu_collectives()
+        _start(coordinator_address=coordinator, num_processes=num, process_id=pid)
     elif "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        _cpu_collectives()
-        jax.distributed.initialize()  # JAX reads the SLURM environment
-        _initialized = True
-        _open_cpu_collectives()
+        _start()  # JAX reads the SLURM environment
+
+
+def _start(**kwargs) -> None:
+    global _initialized
+    _cpu_collectives()
+    jax.distributed.initialize(**kwargs)
+    _initialized = True
+    _open_cpu_collectives()
 
 
 def _cpu_collectives() -> None:

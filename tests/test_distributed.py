@@ -8,7 +8,6 @@ Both pairs run at once: the test is ~40 s of sleeping, not of compute.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -17,6 +16,8 @@ from pathlib import Path
 
 import portpicker
 import pytest
+
+from lolcats_jax.rehearse.launch import child_env
 
 REPO = Path(__file__).resolve().parents[1]
 LATE_S = 35  # past Gloo's 30 s context set-up limit
@@ -48,8 +49,7 @@ def _pair(mode: str, tmp_path: Path) -> list[subprocess.Popen]:
     script = tmp_path / "late_collective.py"
     script.write_text(SCRIPT)
     port = portpicker.pick_unused_port()
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
-               PYTHONPATH=str(REPO))
+    env = dict(child_env(1), PYTHONPATH=str(REPO))  # the script runs from tmp_path, not as a module of the repo
     procs = []
     for i in range(2):
         with open(tmp_path / f"p{i}.log", "w") as log:
