@@ -13,13 +13,22 @@ devices and 2 × 1, one process 35-150 s late, failed at the first collective an
 warm-up (benchmarks/results/rehearsals.md). So `maybe_initialize` runs one all-device collective right after start-up,
 while the processes are still in step (JAX's start-up exchange has just synchronised them), and the barriers that come
 later (Orbax's, the evaluate stage's) find their context already set up.
+
+A collective over a *subset* of the processes (say the two processes of one tensor-parallel pair among four) has a
+context of its own, set up when a compiled program first runs it, with the same 30 s limit; a process that compiled
+the program more slowly, or restored its checkpoint later, fails the others (reproduced with 4 processes × 1 device,
+one 35 s late: "Gloo context initialization failed ... key: cpu:gloo/0,2048/1"). `AlignedJit` wraps the jitted
+steps: on a new input signature it compiles ahead of time, then waits at an all-process barrier (whose context is
+already open) and only then runs, so every process enters the new program's first collectives together.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Any, Callable, Hashable, Sequence
 
 import jax
+import numpy as np
 
 from lolcats_jax.config import RunConfig
 
@@ -62,6 +71,46 @@ def _open_cpu_collectives() -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("lolcats_jax: open the CPU collectives at start-up")
+
+
+class AlignedJit:
+    """A jitted function whose first run of each new compilation starts on every process together (see the module
+    docstring). With one process it is the jitted function itself. `lower` and the other attributes of the jitted
+    function pass through, so AOT users (the benches, compiled memory) see no difference."""
+
+    def __init__(self, jitted: Callable, name: str, static_argnums: Sequence[int] = ()):
+        self._jitted, self._name, self._static = jitted, name, frozenset(static_argnums)
+        self._compiled: dict[Hashable, Any] = {}
+
+    def __call__(self, *args):
+        if jax.process_count() == 1:
+            return self._jitted(*args)
+        key = tuple(a if i in self._static else _signature(a) for i, a in enumerate(args))
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            from jax.experimental import multihost_utils
+
+            compiled = self._jitted.lower(*args).compile()
+            multihost_utils.sync_global_devices(f"lolcats_jax: {self._name} compiled (signature {len(self._compiled)})")
+            self._compiled[key] = compiled
+        return compiled(*(a for i, a in enumerate(args) if i not in self._static))
+
+    def __getattr__(self, attr):
+        return getattr(self._jitted, attr)
+
+
+def _signature(tree) -> Hashable:
+    """What selects a compilation: the pytree structure and each leaf's shape, dtype, weak type and sharding."""
+    leaves, treedef = jax.tree.flatten(tree)
+
+    def leaf(x):
+        if isinstance(x, jax.Array):
+            return (x.shape, x.dtype, x.weak_type, x.sharding)
+        if isinstance(x, (np.ndarray, np.generic)):
+            return (x.shape, x.dtype)
+        return (type(x),)  # Python scalars: weakly typed, the value does not select a compilation
+
+    return treedef, tuple(leaf(x) for x in leaves)
 
 
 def _env_int(name: str) -> int | None:

@@ -30,6 +30,7 @@ from lolcats_jax.blockwise.fingerprint import block_fingerprint, data_fingerprin
 from lolcats_jax.blockwise.layout import block_starts, store_dir
 from lolcats_jax.blockwise.store import SPLITS, BlockInputStore, StoreLayout, free_bytes, human_bytes
 from lolcats_jax.config import to_dict
+from lolcats_jax.distributed import AlignedJit
 from lolcats_jax.errors import UserError
 from lolcats_jax.model.llama import Llama
 from lolcats_jax.train.stages import RunContext, load_base
@@ -90,7 +91,8 @@ def make_collect_fn(model: Llama, starts: list[int], mesh: jax.sharding.Mesh, ba
 
     rows = batch_axes(mesh, batch_size) or None
     out = NamedSharding(mesh, P(rows, None, None))
-    return jax.jit(fn, in_shardings=(None, collect_batch_sharding(mesh, batch_size)), out_shardings=tuple(out for _ in starts)), state
+    jitted = jax.jit(fn, in_shardings=(None, collect_batch_sharding(mesh, batch_size)), out_shardings=tuple(out for _ in starts))
+    return AlignedJit(jitted, "collect"), state
 
 
 def collect_batch_sharding(mesh: jax.sharding.Mesh, batch_size: int) -> NamedSharding:

@@ -44,6 +44,7 @@ import numpy as np
 from flax import nnx
 
 from lolcats_jax import compat
+from lolcats_jax.distributed import AlignedJit
 from lolcats_jax.eval.encoding import TokenRequest
 from lolcats_jax.sharding import logical_to_spec
 
@@ -133,6 +134,11 @@ def _score_shared(graphdef, state, ctx_UT, ctx_len_U, tokens_UM, offset_UM, bran
     h_PE = jnp.where((m_P < 0)[:, None], first_PE, x_UME[row_P, jnp.maximum(m_P, 0)].astype(first_PE.dtype))
     logits_PV = net.logits(h_PE[None])[0]
     return _logp_greedy(logits_PV, targets_P)
+
+
+# with several processes, each new batch shape's compilation first runs on every process together (distributed.py)
+_score_positions = AlignedJit(_score_positions, "score_positions", static_argnums=(0,))
+_score_shared = AlignedJit(_score_shared, "score_shared", static_argnums=(0,))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,6 +20,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from lolcats_jax.distributed import AlignedJit
 from lolcats_jax.errors import UserError
 from lolcats_jax.model.llama import Llama
 from lolcats_jax.sharding import param_shardings
@@ -138,14 +139,16 @@ def build_steps(split: Split, tx: optax.GradientTransformation, loss_fn: LossFn,
 
     abstract_opt = jax.eval_shape(tx.init, split.trainable)
     o_shard = _opt_shardings(abstract_opt, t_shard, replicated)
-    init_opt = jax.jit(tx.init, in_shardings=(t_shard,), out_shardings=o_shard)
-    train = jax.jit(
+    # AlignedJit: with several processes each new compilation first runs on all of them together (distributed.py)
+    init_opt = AlignedJit(jax.jit(tx.init, in_shardings=(t_shard,), out_shardings=o_shard), "init_opt")
+    train = AlignedJit(jax.jit(
         train_step,
         in_shardings=(t_shard, o_shard, f_shard, None, replicated, replicated),  # the batch's own (batch_sharding)
         out_shardings=(t_shard, o_shard, replicated),
         donate_argnums=(0, 1),
-    )
-    evaluate = jax.jit(eval_step, in_shardings=(t_shard, f_shard, None), out_shardings=replicated)
+    ), "train_step")
+    evaluate = AlignedJit(jax.jit(eval_step, in_shardings=(t_shard, f_shard, None), out_shardings=replicated),
+                          "eval_step")
     return init_opt, train, evaluate, (t_shard, o_shard, f_shard)
 
 
