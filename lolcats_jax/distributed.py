@@ -67,10 +67,16 @@ def _cpu_collectives() -> None:
 
 def _open_cpu_collectives() -> None:
     """Sets up the all-device Gloo context now, while the processes are in step (see the module docstring)."""
-    if jax.process_count() > 1 and jax.default_backend() == "cpu":
+    if jax.default_backend() == "cpu":
+        barrier("lolcats_jax: open the CPU collectives at start-up")
+
+
+def barrier(name: str) -> None:
+    """Every process waits here until all have arrived (an all-device collective); nothing with one process."""
+    if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        multihost_utils.sync_global_devices("lolcats_jax: open the CPU collectives at start-up")
+        multihost_utils.sync_global_devices(name)
 
 
 class AlignedJit:
@@ -88,10 +94,8 @@ class AlignedJit:
         key = tuple(a if i in self._static else _signature(a) for i, a in enumerate(args))
         compiled = self._compiled.get(key)
         if compiled is None:
-            from jax.experimental import multihost_utils
-
             compiled = self._jitted.lower(*args).compile()
-            multihost_utils.sync_global_devices(f"lolcats_jax: {self._name} compiled (signature {len(self._compiled)})")
+            barrier(f"lolcats_jax: {self._name} compiled (signature {len(self._compiled)})")
             self._compiled[key] = compiled
         return compiled(*(a for i, a in enumerate(args) if i not in self._static))
 

@@ -75,7 +75,7 @@ SUBGROUP_SCRIPT = textwrap.dedent(
 )
 
 
-def _pair(mode: str, tmp_path: Path, script_text: str = SCRIPT, n: int = 2) -> list[subprocess.Popen]:
+def _group(mode: str, tmp_path: Path, script_text: str = SCRIPT, n: int = 2) -> list[subprocess.Popen]:
     """n processes; process 1 reaches the collective LATE_S late. Output: tmp_path/p<i>.log."""
     script = tmp_path / "late_collective.py"
     script.write_text(script_text)
@@ -103,8 +103,8 @@ def _control_fails_ours_passes(tmp_path: Path, script: str, n: int, ours_is: str
     """Runs the control group and ours at once; ours must finish, the control's process 0 must hit Gloo's limit."""
     (tmp_path / "plain").mkdir()
     (tmp_path / "ours").mkdir()
-    control = _pair("plain", tmp_path / "plain", script, n)
-    ours = _pair("ours", tmp_path / "ours", script, n)
+    control = _group("plain", tmp_path / "plain", script, n)
+    ours = _group("ours", tmp_path / "ours", script, n)
     try:
         for i, p in enumerate(ours):
             p.wait(timeout=180)

@@ -30,7 +30,7 @@ from lolcats_jax.blockwise.fingerprint import block_fingerprint, data_fingerprin
 from lolcats_jax.blockwise.layout import block_starts, store_dir
 from lolcats_jax.blockwise.store import SPLITS, BlockInputStore, StoreLayout, free_bytes, human_bytes
 from lolcats_jax.config import to_dict
-from lolcats_jax.distributed import AlignedJit
+from lolcats_jax.distributed import AlignedJit, barrier
 from lolcats_jax.errors import UserError
 from lolcats_jax.model.llama import Llama
 from lolcats_jax.train.stages import RunContext, load_base
@@ -134,13 +134,6 @@ def _allgather_ints(values: list[int]) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(local)).reshape(jax.process_count(), -1)
 
 
-def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-
-
 def check_disk(ctx: RunContext, store_root, layout: StoreLayout, remaining: int) -> int:
     """Prints the disk the collect needs; refuses (UserError) when the file system has less free space."""
     k, L, T, E = ctx.cfg.block.size, ctx.llama_cfg.num_layers, layout.seq_len, layout.hidden
@@ -180,7 +173,7 @@ def run_collect(ctx: RunContext) -> dict:
     if ctx.is_main:
         root.mkdir(parents=True, exist_ok=True)
     store = BlockInputStore.prepare(
-        root, fingerprint, layout, to_dict(cfg.attention), is_main=ctx.is_main, barrier=lambda: _barrier("blockwise-collect-create")
+        root, fingerprint, layout, to_dict(cfg.attention), is_main=ctx.is_main, barrier=lambda: barrier("blockwise-collect-create")
     )
     summary: dict[str, Any] = {"store": str(root), "fingerprint_id": store.fingerprint_id, "samples": dict(layout.samples)}
     summary.update(seq_len=T, hidden=E, block_starts=starts, bytes=layout.total_bytes())
@@ -199,7 +192,7 @@ def run_collect(ctx: RunContext) -> dict:
     for split in SPLITS:
         written += _collect_split(ctx, store, fn, state, split, samples[split], b, timer)
     seconds = time.perf_counter() - t0
-    _barrier("blockwise-collect-done")
+    barrier("blockwise-collect-done")
     counts = store.refresh_meta() if ctx.is_main else {}
     run_s = seconds - timer["compile_s"]
     tps = written * ctx.process_count * T / run_s if run_s > 0 else float("nan")

@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from lolcats_jax.distributed import barrier
 from lolcats_jax.fsio import write_json_atomic
 
 
@@ -39,9 +40,7 @@ class EvalProgress:
                 except (OSError, ValueError):  # unreadable: measured again (writes are atomic, so not expected)
                     continue
         if process_count > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices("evaluate: parts read")
+            barrier("evaluate: parts read")
 
     def get(self, model_key: str, item: str, fp: str) -> Any | None:
         part = self._parts.get(f"{model_key}.{item}")
