@@ -1,7 +1,8 @@
 """Public entry point `lolcats_attention` and the backend registry.
 
-Notation: B batch, T tokens, H heads, D head dim (see spec.py). Layout [B, T, H, D]; keys/values already repeated
-to the H query heads and post-RoPE; positions 0..T-1.
+Notation: B batch, T tokens, H query heads, K key/value heads, D head dim (see spec.py). Layout [B, T, ·, D]; q has
+H heads, k and v K heads (grouped-query attention: H a multiple of K, query head h reads kv head h // (H/K); every
+backend takes them un-repeated), post-RoPE; positions 0..T-1.
 
 Backends are functions `fn(q, k, v, fmap, theta_H, spec) -> y` registered per `Backend`. REFERENCE and CHUNKED are
 built in; PALLAS / TRITON are plugged in with `register_backend`, or registered on import by the modules
@@ -19,7 +20,7 @@ from typing import Callable, Iterable
 import jax
 from jaxtyping import Array, Float
 
-from kernels.lolcats.spec import Backend, FeatureMapParams, LolcatsSpec
+from kernels.lolcats.spec import Backend, FeatureMapParams, LolcatsSpec, kv_group
 
 AttentionFn = Callable[..., Array]
 # (spec, q_shape, v_shape, feature_dim) -> None if the backend runs these shapes, else why not
@@ -132,11 +133,14 @@ def _takes(backend: Backend, spec: LolcatsSpec, shapes: tuple[tuple, tuple, int]
 
 
 def check_inputs(q, k, v, fmap: FeatureMapParams, theta_H, spec: LolcatsSpec) -> None:
-    """Raise a ValueError naming the shapes if the inputs do not fit the [B, T, H, D] contract."""
-    if q.ndim != 4 or k.shape != q.shape or v.ndim != 4 or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"q, k, v must be [B, T, H, D] with k.shape == q.shape and matching B, T, H in v: "
-                         f"{q.shape=}, {k.shape=}, {v.shape=}")
+    """Raise a ValueError naming the shapes if the inputs do not fit the contract: q [B, T, H, D], k [B, T, K, D],
+    v [B, T, K, Dv] with K dividing H."""
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4 or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3] \
+            or v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"q, k, v must be [B, T, H, D], [B, T, K, D], [B, T, K, Dv] (matching B, T; K key/value "
+                         f"heads in k and v): {q.shape=}, {k.shape=}, {v.shape=}")
     _, _, H, D = q.shape
+    kv_group(H, k.shape[2], f"k {k.shape} and v {v.shape} (q {q.shape})")
     if spec.form != "softmax":
         for name, w in (("wq", fmap.wq), ("wk", fmap.wk)):
             if w.ndim != 3 or w.shape[:2] != (H, D):
@@ -150,14 +154,16 @@ def check_inputs(q, k, v, fmap: FeatureMapParams, theta_H, spec: LolcatsSpec) ->
 
 def lolcats_attention(
     q: Float[Array, "B T H D"],
-    k: Float[Array, "B T H D"],
-    v: Float[Array, "B T H D"],
+    k: Float[Array, "B T K D"],
+    v: Float[Array, "B T K Dv"],
     fmap: FeatureMapParams,
     theta_H: Float[Array, "H"] | None,
     spec: LolcatsSpec,
     backend: Backend | str = Backend.AUTO,
-) -> Float[Array, "B T H D"]:
-    """LoLCATS attention of spec.form, y (B, T, H, D) in q's dtype (math in float32, or float64 for float64 inputs).
+) -> Float[Array, "B T H Dv"]:
+    """LoLCATS attention of spec.form, y (B, T, H, Dv) in q's dtype (math in float32, or float64 for float64 inputs).
+
+    k, v have K ≤ H heads (grouped-query attention, query head h reads kv head h // (H/K)); no backend repeats them.
 
     Differentiable wrt q, k, v, fmap and theta_H. theta_H (per-head window logit, γ = sigmoid(θ)) may be None for
     the linear and softmax forms; fmap is unused by the softmax form.

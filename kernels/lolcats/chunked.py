@@ -1,7 +1,10 @@
 """Chunked linear-time LoLCATS attention in pure JAX with a recomputing custom VJP (the CPU default backend).
 
-Notation: B batch, T tokens, H heads, D head dim, Dv value dim, F' feature dim, C chunk length (spec.chunk_len()),
-N = ⌈T/C⌉ chunks, S = 2C keys of a span (previous chunk + current chunk). Chunked arrays are [N, B, H, C, X].
+Notation: B batch, T tokens, H query heads, K key/value heads, G = H/K, D head dim, Dv value dim, F' feature dim,
+C chunk length (spec.chunk_len()), N = ⌈T/C⌉ chunks, S = 2C keys of a span (previous chunk + current chunk).
+Chunked arrays are [N, B, K, G, C, X] for query-head quantities (q, f_q, f_k, y, states: query head h = k·G + g)
+and [N, B, K, C, X] for keys and values, which are read by grouped einsums and never repeated to H heads; their
+gradients sum over the group.
 
 Hybrid / linear forms. The sequence is padded to N·C and split into chunks. For query chunk n the keys of chunks
 n−1 and n (the span) are handled exactly — window logits with the window max c_i, and any linear pairs inside the
@@ -77,100 +80,102 @@ def _span_masks(st: _Static, n) -> tuple[Array, Array]:
 
 def _span_weights(st: _Static, n, q, k_span, fq, fk_span, g, l):
     """Span weights of query chunk n: P, the parts E (masked e^{s−c}) and L (masked f_q·f_k), the window logits
-    s_win and max c, and the (window, linear) masks — the last four for the backward. g, l are (1, H, 1, 1)."""
+    s_win and max c, and the (window, linear) masks — the last four for the backward. Query-side arrays are
+    (B, K, G, C, ·), k_span (B, K, 2C, D); g, l are (1, K, G, 1, 1)."""
     win, lin = _span_masks(st, n)
-    L = jnp.where(lin, jnp.einsum("bhif,bhjf->bhij", fq, fk_span), 0.0) if st.has_linear_span else None
+    L = jnp.where(lin, jnp.einsum("bkgif,bkgjf->bkgij", fq, fk_span), 0.0) if st.has_linear_span else None
     if not st.has_window:
         return l * L, None, L, None, None, (win, lin)
     scale = 1.0 / np.sqrt(q.shape[-1])
-    s_win = jnp.where(win, jnp.einsum("bhid,bhjd->bhij", q, k_span) * scale, -jnp.inf)
+    s_win = jnp.where(win, jnp.einsum("bkgid,bkjd->bkgij", q, k_span) * scale, -jnp.inf)
     c = jnp.max(s_win, axis=-1, keepdims=True)  # finite: the diagonal is always a window key
     E = jnp.where(win, jnp.exp(s_win - c), 0.0)
     return (g * E if L is None else g * E + l * L), E, L, s_win, c, (win, lin)
 
 
 def _state_update(S, z, fk, v):
-    return S + jnp.einsum("bhjf,bhjd->bhfd", fk, v), z + jnp.sum(fk, axis=2)
+    """S += Σ_j f_k,j v_jᵀ, z += Σ_j f_k,j over one chunk: fk (B, K, G, C, F'), v (B, K, C, Dv)."""
+    return S + jnp.einsum("bkgjf,bkjd->bkgfd", fk, v), z + jnp.sum(fk, axis=3)
 
 
-def _fwd_scan(st: _Static, q, k, v, fq, fk, gamma_H, lam_H):
-    """Forward pass over chunks; returns y and den, chunked ([N,B,H,C,Dv], [N,B,H,C])."""
-    N, B, H, C, _ = q.shape
+def _fwd_scan(st: _Static, q, k, v, fq, fk, gamma_KG, lam_KG):
+    """Forward pass over chunks; returns y and den, chunked ([N,B,K,G,C,Dv], [N,B,K,G,C])."""
+    N, B, K, G, C, _ = q.shape
     Fp, Dv = fq.shape[-1], v.shape[-1]
-    g, l = gamma_H[None, :, None, None], lam_H[None, :, None, None]
+    g, l = gamma_KG[None, :, :, None, None], lam_KG[None, :, :, None, None]
 
     def step(carry, xs):
         S, z, k_prev, v_prev, fk_prev = carry
         n, q_n, k_n, v_n, fq_n, fk_n = xs
         k_span, v_span = jnp.concatenate([k_prev, k_n], 2), jnp.concatenate([v_prev, v_n], 2)
-        P, *_ = _span_weights(st, n, q_n, k_span, fq_n, jnp.concatenate([fk_prev, fk_n], 2), g, l)
-        num = jnp.einsum("bhij,bhjd->bhid", P, v_span) + l * jnp.einsum("bhif,bhfd->bhid", fq_n, S)
-        den = jnp.sum(P, axis=-1) + l[..., 0] * jnp.einsum("bhif,bhf->bhi", fq_n, z) + st.den_eps
+        P, *_ = _span_weights(st, n, q_n, k_span, fq_n, jnp.concatenate([fk_prev, fk_n], 3), g, l)
+        num = jnp.einsum("bkgij,bkjd->bkgid", P, v_span) + l * jnp.einsum("bkgif,bkgfd->bkgid", fq_n, S)
+        den = jnp.sum(P, axis=-1) + l[..., 0] * jnp.einsum("bkgif,bkgf->bkgi", fq_n, z) + st.den_eps
         S, z = _state_update(S, z, fk_prev, v_prev)  # chunk n−1 leaves the span: it is linear for chunks ≥ n+1
         return (S, z, k_n, v_n, fk_n), (num / den[..., None], den)
 
     dtype = q.dtype
-    init = (jnp.zeros((B, H, Fp, Dv), dtype), jnp.zeros((B, H, Fp), dtype), jnp.zeros_like(k[0]),
+    init = (jnp.zeros((B, K, G, Fp, Dv), dtype), jnp.zeros((B, K, G, Fp), dtype), jnp.zeros_like(k[0]),
             jnp.zeros_like(v[0]), jnp.zeros_like(fk[0]))
     _, (y, den) = lax.scan(step, init, (jnp.arange(N), q, k, v, fq, fk))
     return y, den
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _chunked_core(st: _Static, q, k, v, fq, fk, gamma_H, lam_H):
-    return _fwd_scan(st, q, k, v, fq, fk, gamma_H, lam_H)[0]
+def _chunked_core(st: _Static, q, k, v, fq, fk, gamma_KG, lam_KG):
+    return _fwd_scan(st, q, k, v, fq, fk, gamma_KG, lam_KG)[0]
 
 
-def _core_fwd(st, q, k, v, fq, fk, gamma_H, lam_H):
-    y, den = _fwd_scan(st, q, k, v, fq, fk, gamma_H, lam_H)
-    return y, (q, k, v, fq, fk, gamma_H, lam_H, y, den)
+def _core_fwd(st, q, k, v, fq, fk, gamma_KG, lam_KG):
+    y, den = _fwd_scan(st, q, k, v, fq, fk, gamma_KG, lam_KG)
+    return y, (q, k, v, fq, fk, gamma_KG, lam_KG, y, den)
 
 
 def _core_bwd(st, res, dy):
-    q, k, v, fq, fk, gamma_H, lam_H, y, den = res
-    N, B, H, C, D = q.shape
+    q, k, v, fq, fk, gamma_KG, lam_KG, y, den = res
+    N, B, K, G, C, D = q.shape
     Fp, Dv = fq.shape[-1], v.shape[-1]
-    g, l = gamma_H[None, :, None, None], lam_H[None, :, None, None]
-    dnum = dy / den[..., None]  # [N,B,H,C,Dv]
-    dden = -jnp.sum(dy * y, axis=-1) / den  # [N,B,H,C]
+    g, l = gamma_KG[None, :, :, None, None], lam_KG[None, :, :, None, None]
+    dnum = dy / den[..., None]  # [N,B,K,G,C,Dv]
+    dden = -jnp.sum(dy * y, axis=-1) / den  # [N,B,K,G,C]
     scale = 1.0 / np.sqrt(D)
 
     def span_step(carry, xs):
         S, z, k_prev, v_prev, fk_prev, dg, dl = carry
         n, q_n, k_n, v_n, fq_n, fk_n, dnum_n, dden_n = xs
         k_span, v_span = jnp.concatenate([k_prev, k_n], 2), jnp.concatenate([v_prev, v_n], 2)
-        fk_span = jnp.concatenate([fk_prev, fk_n], 2)
+        fk_span = jnp.concatenate([fk_prev, fk_n], 3)
         P, E, L, s_win, c, (win, lin) = _span_weights(st, n, q_n, k_span, fq_n, fk_span, g, l)
-        dP = jnp.einsum("bhid,bhjd->bhij", dnum_n, v_span) + dden_n[..., None]
-        dv_span = jnp.einsum("bhij,bhid->bhjd", P, dnum_n)
-        fqS = jnp.einsum("bhif,bhfd->bhid", fq_n, S)
-        fqz = jnp.einsum("bhif,bhf->bhi", fq_n, z)
-        dl = dl + jnp.einsum("bhid,bhid->h", fqS, dnum_n) + jnp.einsum("bhi,bhi->h", dden_n, fqz)
-        dfq = l * (jnp.einsum("bhid,bhfd->bhif", dnum_n, S) + dden_n[..., None] * z[:, :, None, :])
+        dP = jnp.einsum("bkgid,bkjd->bkgij", dnum_n, v_span) + dden_n[..., None]
+        dv_span = jnp.einsum("bkgij,bkgid->bkjd", P, dnum_n)  # Σ over the group's query heads
+        fqS = jnp.einsum("bkgif,bkgfd->bkgid", fq_n, S)
+        fqz = jnp.einsum("bkgif,bkgf->bkgi", fq_n, z)
+        dl = dl + jnp.einsum("bkgid,bkgid->kg", fqS, dnum_n) + jnp.einsum("bkgi,bkgi->kg", dden_n, fqz)
+        dfq = l * (jnp.einsum("bkgid,bkgfd->bkgif", dnum_n, S) + dden_n[..., None] * z[:, :, :, None, :])
         if st.has_linear_span:
-            dl = dl + jnp.einsum("bhij,bhij->h", dP, L)
+            dl = dl + jnp.einsum("bkgij,bkgij->kg", dP, L)
             dL = jnp.where(lin, l * dP, 0.0)
-            dfq = dfq + jnp.einsum("bhij,bhjf->bhif", dL, fk_span)
-            dfk_span = jnp.einsum("bhij,bhif->bhjf", dL, fq_n)
+            dfq = dfq + jnp.einsum("bkgij,bkgjf->bkgif", dL, fk_span)
+            dfk_span = jnp.einsum("bkgij,bkgif->bkgjf", dL, fq_n)
         else:  # no linear pair in the span: its keys' features get gradient only through the states
             dfk_span = jnp.zeros_like(fk_span)
         if st.has_window:
-            dg = dg + jnp.einsum("bhij,bhij->h", dP, E)
+            dg = dg + jnp.einsum("bkgij,bkgij->kg", dP, E)
             t = jnp.where(win, g * dP * E, 0.0)  # d/ds of e^{s−c} at fixed c
             at_max = (s_win == c).astype(t.dtype)  # the max's gradient is split equally among ties (as jnp.max)
             ds = t - at_max / jnp.sum(at_max, -1, keepdims=True) * jnp.sum(t, -1, keepdims=True)
-            dq = jnp.einsum("bhij,bhjd->bhid", ds, k_span) * scale
-            dk_span = jnp.einsum("bhij,bhid->bhjd", ds, q_n) * scale
+            dq = jnp.einsum("bkgij,bkjd->bkgid", ds, k_span) * scale
+            dk_span = jnp.einsum("bkgij,bkgid->bkjd", ds, q_n) * scale
         else:
             dq, dk_span = jnp.zeros_like(q_n), jnp.zeros_like(k_span)
         S, z = _state_update(S, z, fk_prev, v_prev)
         out = (dq, dk_span[:, :, :C], dk_span[:, :, C:], dv_span[:, :, :C], dv_span[:, :, C:],
-               dfq, dfk_span[:, :, :C], dfk_span[:, :, C:])
+               dfq, dfk_span[:, :, :, :C], dfk_span[:, :, :, C:])
         return (S, z, k_n, v_n, fk_n, dg, dl), out
 
-    zeros_h = jnp.zeros((H,), q.dtype)
-    init = (jnp.zeros((B, H, Fp, Dv), q.dtype), jnp.zeros((B, H, Fp), q.dtype), jnp.zeros_like(k[0]),
-            jnp.zeros_like(v[0]), jnp.zeros_like(fk[0]), zeros_h, zeros_h)
+    zeros_kg = jnp.zeros((K, G), q.dtype)
+    init = (jnp.zeros((B, K, G, Fp, Dv), q.dtype), jnp.zeros((B, K, G, Fp), q.dtype), jnp.zeros_like(k[0]),
+            jnp.zeros_like(v[0]), jnp.zeros_like(fk[0]), zeros_kg, zeros_kg)
     (_, _, _, _, _, dg, dl), outs = lax.scan(span_step, init, (jnp.arange(N), q, k, v, fq, fk, dnum, dden))
     dq, dk_p, dk_c, dv_p, dv_c, dfq, dfk_p, dfk_c = outs
 
@@ -182,13 +187,13 @@ def _core_bwd(st, res, dy):
     def state_step(carry, xs):
         G_S, G_z, dS_next, dz_next = carry  # G = Σ_{m ≥ n+2} dS_m; dS_next = dS_{n+1}
         fq_n, dnum_n, dden_n, fk_n, v_n = xs
-        dfk_n = jnp.einsum("bhjd,bhfd->bhjf", v_n, G_S) + G_z[:, :, None, :]
-        dv_n = jnp.einsum("bhjf,bhfd->bhjd", fk_n, G_S)
-        dS_n = l * jnp.einsum("bhif,bhid->bhfd", fq_n, dnum_n)
-        dz_n = l[..., 0] * jnp.einsum("bhif,bhi->bhf", fq_n, dden_n)
+        dfk_n = jnp.einsum("bkjd,bkgfd->bkgjf", v_n, G_S) + G_z[:, :, :, None, :]
+        dv_n = jnp.einsum("bkgjf,bkgfd->bkjd", fk_n, G_S)
+        dS_n = l * jnp.einsum("bkgif,bkgid->bkgfd", fq_n, dnum_n)
+        dz_n = l[..., 0] * jnp.einsum("bkgif,bkgi->bkgf", fq_n, dden_n)
         return (G_S + dS_next, G_z + dz_next, dS_n, dz_n), (dfk_n, dv_n)
 
-    zS, zz = jnp.zeros((B, H, Fp, Dv), q.dtype), jnp.zeros((B, H, Fp), q.dtype)
+    zS, zz = jnp.zeros((B, K, G, Fp, Dv), q.dtype), jnp.zeros((B, K, G, Fp), q.dtype)
     _, (dfk_state, dv_state) = lax.scan(state_step, (zS, zz, zS, zz), (fq, dnum, dden, fk, v), reverse=True)
     return dq, dk, dv + dv_state, dfq, dfk + dfk_state, dg, dl
 
@@ -204,38 +209,48 @@ def _to_chunks(x_BTHX, C: int) -> Array:
     return x.reshape(B, N, C, H, X).transpose(1, 0, 3, 2, 4)
 
 
+def _grouped(x_NBHCX, K: int) -> Array:
+    """[N, B, H, C, X] → [N, B, K, G, C, X] (query head h = k·G + g reads kv head k)."""
+    N, B, H, C, X = x_NBHCX.shape
+    return x_NBHCX.reshape(N, B, K, H // K, C, X)
+
+
 def _from_chunks(x_NBHCX, T: int) -> Array:
     N, B, H, C, X = x_NBHCX.shape
     return x_NBHCX.transpose(1, 0, 3, 2, 4).reshape(B, N * C, H, X)[:, :T]
 
 
-def _softmax_chunked(q_BTHD, k_BTHD, v_BTHD, C: int) -> Array:
-    """Exact causal softmax (1/√D) over query chunks of C rows; each block is rematerialised in the backward."""
+def _softmax_chunked(q_BTHD, k_BTKD, v_BTKD, C: int) -> Array:
+    """Exact causal softmax (1/√D) over query chunks of C rows; each block is rematerialised in the backward.
+    k, v have K ≤ H heads (grouped einsums, no repeat)."""
     B, T, H, D = q_BTHD.shape
-    q_N = _to_chunks(q_BTHD, C)
+    K = k_BTKD.shape[2]
+    q_N = _grouped(_to_chunks(q_BTHD, C), K)
     pos_T = jnp.arange(T)
     scale = 1.0 / np.sqrt(D)
 
     @jax.checkpoint
     def block(args):
-        n, q_BHCD = args
-        s_BHCT = jnp.einsum("bhid,bjhd->bhij", q_BHCD, k_BTHD) * scale
+        n, q_BKGCD = args
+        s_BKGCT = jnp.einsum("bkgid,bjkd->bkgij", q_BKGCD, k_BTKD) * scale
         causal_CT = pos_T[None, :] <= n * C + jnp.arange(C)[:, None]
-        a_BHCT = jax.nn.softmax(jnp.where(causal_CT, s_BHCT, -jnp.inf), axis=-1)
-        return jnp.einsum("bhij,bjhd->bhid", a_BHCT, v_BTHD)
+        a_BKGCT = jax.nn.softmax(jnp.where(causal_CT, s_BKGCT, -jnp.inf), axis=-1)
+        y = jnp.einsum("bkgij,bjkd->bkgid", a_BKGCT, v_BTKD)
+        return y.reshape(B, H, C, y.shape[-1])
 
     return _from_chunks(lax.map(block, (jnp.arange(q_N.shape[0]), q_N)), T)
 
 
 def lolcats_attention_chunked(
     q: Float[Array, "B T H D"],
-    k: Float[Array, "B T H D"],
-    v: Float[Array, "B T H D"],
+    k: Float[Array, "B T K D"],
+    v: Float[Array, "B T K Dv"],
     fmap: FeatureMapParams,
     theta_H: Float[Array, "H"] | None,
     spec: LolcatsSpec,
-) -> Float[Array, "B T H D"]:
-    """Chunked backend of `lolcats_attention` (same math as the reference, O(T) memory in both directions)."""
+) -> Float[Array, "B T H Dv"]:
+    """Chunked backend of `lolcats_attention` (same math as the reference, O(T) memory in both directions);
+    k, v with K ≤ H heads are read by grouped einsums, never repeated."""
     if spec.uses_compat_masks:
         raise ValueError("the chunked backend implements start-aligned tk blocks only; spec.compat=True with "
                          "window='tk' needs Backend.REFERENCE")
@@ -244,14 +259,17 @@ def lolcats_attention_chunked(
     if spec.form == "softmax":
         return _softmax_chunked(q.astype(dtype), k.astype(dtype), v.astype(dtype), spec.chunk_size).astype(q.dtype)
     st = _make_static(spec)
-    fq, fk = query_key_features(q, k, fmap, spec)
-    H = q.shape[2]
+    fq, fk = query_key_features(q, k, fmap, spec)  # both (B, T, H, F'): one key map per query head
+    H, K = q.shape[2], k.shape[2]
     if spec.form == "hybrid":
         if theta_H is None:
             raise ValueError(f"form='hybrid' needs theta_H of shape (H,) = ({H},), got None")
         gamma_H, lam_H = window_factors(theta_H, spec, dtype)
     else:
         gamma_H, lam_H = jnp.zeros((H,), dtype), jnp.ones((H,), dtype)
-    chunks = [_to_chunks(x, st.chunk) for x in (q.astype(dtype), k.astype(dtype), v.astype(dtype), fq, fk)]
-    y = _chunked_core(st, *chunks, gamma_H, lam_H)
-    return _from_chunks(y, T).astype(q.dtype)
+    per_query = [_grouped(_to_chunks(x, st.chunk), K) for x in (q.astype(dtype), fq, fk)]
+    per_kv = [_to_chunks(x.astype(dtype), st.chunk) for x in (k, v)]
+    q_c, fq_c, fk_c = per_query
+    y = _chunked_core(st, q_c, *per_kv, fq_c, fk_c, gamma_H.reshape(K, -1), lam_H.reshape(K, -1))
+    N, B, _, G, C, Dv = y.shape
+    return _from_chunks(y.reshape(N, B, H, C, Dv), T).astype(q.dtype)

@@ -1,9 +1,10 @@
 """Multi-token continuation of a decode state: N new tokens per row attend in parallel to the state and to each other
 (chunked prefill of a long prompt, a conversation turn appended to a cached one).
 
-Notation as in recurrent.py: B batch, N new tokens, H heads, D head dim, Dv value dim, F' feature dim, W window,
-R ring length; candidate keys C = R + N (the ring, oldest first, then the new tokens). Per-token tensors are
-[B, N, H, D], keys/values already repeated to H heads and post-RoPE; row b consumes its first lengths_b tokens at
+Notation as in recurrent.py: B batch, N new tokens, H query heads, K key/value heads (query head h = k·G + g reads
+kv head k, G = H/K), D head dim, Dv value dim, F' feature dim, W window, R ring length; candidate keys C = R + N (the
+ring, oldest first, then the new tokens). Per-token tensors are q [B, N, H, D], k [B, N, K, D], v [B, N, K, Dv],
+post-RoPE, never repeated to H heads; row b consumes its first lengths_b tokens at
 positions pos_b, pos_b + 1, … (right padding, as everywhere).
 
 Default mode (no compat) — exact: the output at every new position equals the parallel form over the whole sequence
@@ -27,15 +28,15 @@ from jaxtyping import Array, Float, Int
 
 from kernels.lolcats.feature_maps import feature_map, window_factors
 from kernels.lolcats.recurrent import (DecodeState, _decode_spec, _slot_positions, decode_step, keeps_call_state, ring_len,
-                                      select_rows)
+                                      select_rows, weighted_kv_sum)
 from kernels.lolcats.spec import LINEAR_DENOM_EPS, FeatureMapParams, LolcatsSpec, key_sets
 
 
 def extend_state(
     state: DecodeState,
     q: Float[Array, "B N H D"],
-    k: Float[Array, "B N H D"],
-    v: Float[Array, "B N H Dv"],
+    k: Float[Array, "B N K D"],
+    v: Float[Array, "B N K Dv"],
     fmap: FeatureMapParams,
     theta_H: Float[Array, "H"] | None,
     spec: LolcatsSpec,
@@ -61,15 +62,17 @@ def extend_state(
     return y.astype(q.dtype), select_rows(n_B > 0, new, state)
 
 
-def _sum_kv(w_BN, fk_BNHF, v_BNHD):
+def _sum_kv(w_BN, fk_BNHF, v_BNKD):
     """(Σ_n w f_k v_nᵀ, Σ_n w f_k) over the new tokens with per-token weights w (B, N)."""
-    cdt = fk_BNHF.dtype
-    w = w_BN.astype(cdt)
-    return (jnp.einsum("bn,bnhf,bnhd->bhfd", w, fk_BNHF, v_BNHD.astype(cdt)),
-            jnp.einsum("bn,bnhf->bhf", w, fk_BNHF))
+    return weighted_kv_sum(w_BN, fk_BNHF, v_BNKD)
 
 
-def _combine(q, k_BCHD, v_BCHD, fq_BNHF, fk_BCHF, win_BNC, lin_BNC, theta_H, spec, s_BHFD, z_BHF):
+def _per_kv(x_BHX, K: int) -> Array:
+    """(B, H, …) → (B, K, G, …): query head h = k·G + g."""
+    return x_BHX.reshape((x_BHX.shape[0], K, x_BHX.shape[1] // K) + x_BHX.shape[2:])
+
+
+def _combine(q, k_BCKD, v_BCKD, fq_BNHF, fk_BCHF, win_BNC, lin_BNC, theta_H, spec, s_BHFD, z_BHF):
     """y (B, N, H, Dv) of the hybrid form over candidate keys with masks (B, N, C), plus λ·(state S, z)."""
     cdt = fq_BNHF.dtype
     if theta_H is None:
@@ -77,13 +80,17 @@ def _combine(q, k_BCHD, v_BCHD, fq_BNHF, fk_BCHF, win_BNC, lin_BNC, theta_H, spe
     gamma_H, lam_H = window_factors(theta_H, spec, cdt)
     g, l = gamma_H[None, :, None, None], lam_H[None, :, None, None]
     win, lin = win_BNC[:, None], lin_BNC[:, None]  # (B, 1, N, C)
-    s_BHNC = jnp.einsum("bnhd,bchd->bhnc", q.astype(cdt), k_BCHD.astype(cdt)) / np.sqrt(q.shape[-1])
+    B, N, H, D = q.shape
+    K = k_BCKD.shape[2]
+    q_BKGND = _per_kv(q.astype(cdt).transpose(0, 2, 1, 3), K)
+    s_BHNC = jnp.einsum("bkgnd,bckd->bkgnc", q_BKGND, k_BCKD.astype(cdt)).reshape(B, H, N, -1) / np.sqrt(D)
     s_BHNC = jnp.where(win, s_BHNC, -jnp.inf)
     c_BHN1 = jnp.max(s_BHNC, axis=-1, keepdims=True)  # every real query has its own key in its window
     c_BHN1 = jnp.where(jnp.isfinite(c_BHN1), c_BHN1, 0.0)  # padded queries: keep them finite
     p_BHNC = g * jnp.where(win, jnp.exp(s_BHNC - c_BHN1), 0.0) \
         + l * jnp.where(lin, jnp.einsum("bnhf,bchf->bhnc", fq_BNHF, fk_BCHF), 0.0)
-    num = jnp.einsum("bhnc,bchd->bnhd", p_BHNC, v_BCHD.astype(cdt)) \
+    num_BKGND = jnp.einsum("bkgnc,bckd->bkgnd", _per_kv(p_BHNC, K), v_BCKD.astype(cdt))
+    num = num_BKGND.reshape(B, H, N, -1).transpose(0, 2, 1, 3) \
         + lam_H[None, None, :, None] * jnp.einsum("bnhf,bhfd->bnhd", fq_BNHF, s_BHFD)
     den = jnp.einsum("bhnc->bnh", p_BHNC) + lam_H[None, None, :] * jnp.einsum("bnhf,bhf->bnh", fq_BNHF, z_BHF)
     den = jnp.where(den > 0, den, 1.0)  # padded queries only
@@ -93,8 +100,11 @@ def _combine(q, k_BCHD, v_BCHD, fq_BNHF, fk_BCHF, win_BNC, lin_BNC, theta_H, spe
 def _linear_new(state, v, fq_BNHF, fk_BNHF, see_BNN):
     """Linear-form outputs of N new tokens: the state (every earlier key) plus the new keys m that query n sees."""
     cdt = fq_BNHF.dtype
+    B, N, H, _ = fq_BNHF.shape
+    K = v.shape[2]
     a_BHNN = jnp.where(see_BNN[:, None], jnp.einsum("bnhf,bmhf->bhnm", fq_BNHF, fk_BNHF), 0.0)
-    num = jnp.einsum("bhnm,bmhd->bnhd", a_BHNN, v.astype(cdt)) + jnp.einsum("bnhf,bhfd->bnhd", fq_BNHF, state.s_BHFD)
+    near_BKGND = jnp.einsum("bkgnm,bmkd->bkgnd", _per_kv(a_BHNN, K), v.astype(cdt))
+    num = near_BKGND.reshape(B, H, N, -1).transpose(0, 2, 1, 3) + jnp.einsum("bnhf,bhfd->bnhd", fq_BNHF, state.s_BHFD)
     den = jnp.einsum("bhnm->bnh", a_BHNN) + jnp.einsum("bnhf,bhf->bnh", fq_BNHF, state.z_BHF) + LINEAR_DENOM_EPS
     return num / den[..., None]
 
@@ -112,7 +122,7 @@ def _ring_in_order(state: DecodeState, R: int):
     pos_BR = state.pos_B[:, None] - R + jnp.arange(R)[None, :]
     idx_BR11 = jnp.mod(pos_BR, R)[:, :, None, None]
     take = lambda x: jnp.take_along_axis(x, idx_BR11, axis=1)  # noqa: E731
-    return take(state.k_BRHD), take(state.v_BRHD), take(state.fk_BRHF), pos_BR
+    return take(state.k_BRKD), take(state.v_BRKD), take(state.fk_BRHF), pos_BR
 
 
 def _new_ring(cand_k, cand_v, cand_fk, cand_pos_BC, new_pos_B, R: int, oldest_B):
@@ -151,8 +161,8 @@ def _hybrid_new(state, q, cands, fq_BNHF, theta_H, spec, pos_BN, see_BNN):
 
 def _extend_exact(state, q, k, v, fq_BNHF, fk_BNHF, theta_H, spec, n_B, real_BN):
     R, N = ring_len(spec), q.shape[1]
-    if state.k_BRHD.shape[1] != R:
-        raise ValueError(f"state ring length {state.k_BRHD.shape[1]} does not match {R=} for this spec")
+    if state.k_BRKD.shape[1] != R:
+        raise ValueError(f"state ring length {state.k_BRKD.shape[1]} does not match {R=} for this spec")
     pos_BN = state.pos_B[:, None] + jnp.arange(N)[None, :]
     cands = _candidates(state, k, v, fk_BNHF, pos_BN, R)
     see_BNN = jnp.broadcast_to(real_BN[:, None, :], (q.shape[0], N, N))  # causality: the key-set rule
@@ -163,15 +173,15 @@ def _extend_exact(state, q, k, v, fq_BNHF, fk_BNHF, theta_H, spec, n_B, real_BN)
     fold_BC = cand_ok_BC & (cand_pos_BC < (new_pos_B - R)[:, None])  # keys every later query sees as linear
     ds, dz = _sum_kv(fold_BC, cand_fk, cand_v)
     k_r, v_r, fk_r = _new_ring(cand_k, cand_v, cand_fk, cand_pos_BC, new_pos_B, R, jnp.zeros_like(new_pos_B))
-    return y, state._replace(s_BHFD=state.s_BHFD + ds, z_BHF=state.z_BHF + dz, k_BRHD=k_r, v_BRHD=v_r, fk_BRHF=fk_r,
+    return y, state._replace(s_BHFD=state.s_BHFD + ds, z_BHF=state.z_BHF + dz, k_BRKD=k_r, v_BRKD=v_r, fk_BRHF=fk_r,
                              pos_B=new_pos_B)
 
 
 def branch_outputs(
     state: DecodeState,
     q: Float[Array, "B M H D"],
-    k: Float[Array, "B M H D"],
-    v: Float[Array, "B M H Dv"],
+    k: Float[Array, "B M K D"],
+    v: Float[Array, "B M K Dv"],
     fmap: FeatureMapParams,
     theta_H: Float[Array, "H"] | None,
     spec: LolcatsSpec,
@@ -224,9 +234,9 @@ def _extend_compat(state, q, k, v, fq_BNHF, fk_BNHF, theta_H, spec, n_B, real_BN
     new_pos_B = state.pos_B + n_B
     start_B = state.pos_B + jnp.maximum(n_B - W, 0)
     cand_pos_BN = state.pos_B[:, None] + jnp.arange(N)[None, :]
-    k_r, v_r, fk_r = _new_ring(k.astype(state.k_BRHD.dtype), v.astype(state.v_BRHD.dtype), fk_BNHF, cand_pos_BN,
+    k_r, v_r, fk_r = _new_ring(k.astype(state.k_BRKD.dtype), v.astype(state.v_BRKD.dtype), fk_BNHF, cand_pos_BN,
                                new_pos_B, R, start_B)
-    return y, state._replace(s_BHFD=state.s_BHFD + ds, z_BHF=state.z_BHF + dz, k_BRHD=k_r, v_BRHD=v_r, fk_BRHF=fk_r,
+    return y, state._replace(s_BHFD=state.s_BHFD + ds, z_BHF=state.z_BHF + dz, k_BRKD=k_r, v_BRKD=v_r, fk_BRHF=fk_r,
                              pos_B=new_pos_B, s_all_BHFD=state.s_all_BHFD + ds_all, z_all_BHF=state.z_all_BHF + dz_all,
                              start_B=start_B)
 

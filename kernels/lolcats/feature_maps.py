@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from kernels.lolcats.spec import FeatureMapParams, LolcatsSpec
+from kernels.lolcats.spec import FeatureMapParams, LolcatsSpec, kv_group
 
 DEFAULT_WINDOW_LOGIT = -2.1972245773362196  # logit(0.1): γ = sigmoid(θ) ≈ 0.1 at init
 
@@ -65,22 +65,29 @@ def window_factors(theta_H: Float[Array, "H"], spec: LolcatsSpec, dtype) -> tupl
 
 
 def feature_map(
-    x_BTHD: Float[Array, "B T H D"],
+    x_BTKD: Float[Array, "B T K D"],
     w_HDF: Float[Array, "H D F"],
     b_H: Float[Array, "H"] | None,
     spec: LolcatsSpec,
 ) -> Float[Array, "B T H Fp"]:
     """φ(x) per head (reference §2.3), last axis = F' features, in the compute dtype.
 
+    x may have fewer heads K than the H maps (keys under grouped-query attention, H a multiple of K): head h's map
+    reads x head h // (H/K), through a grouped einsum, without repeating x.
+
     softmax_dim: [softmax(u); softmax(−u)] (fullspace) or softmax(u); exp_dim: [exp(u − max u); exp(min u − u)] or
     exp(u − max u) (the max/min are differentiated, as torch does); relu: relu(u); pos_elu: 1 + elu(u);
     every value clamped below at spec.eps.
     """
-    if x_BTHD.ndim != 4 or w_HDF.ndim != 3 or x_BTHD.shape[2:] != w_HDF.shape[:2]:
-        raise ValueError(f"feature_map needs x (B,T,H,D) and w (H,D,F) with matching H, D: "
-                         f"{x_BTHD.shape=}, {w_HDF.shape=}")
-    dtype = compute_dtype(x_BTHD.dtype)
-    u_BTHF = jnp.einsum("bthd,hdf->bthf", x_BTHD.astype(dtype), w_HDF.astype(dtype))
+    if x_BTKD.ndim != 4 or w_HDF.ndim != 3 or x_BTKD.shape[3] != w_HDF.shape[1]:
+        raise ValueError(f"feature_map needs x (B,T,K,D) and w (H,D,F) with matching D: "
+                         f"{x_BTKD.shape=}, {w_HDF.shape=}")
+    B, T, K, D = x_BTKD.shape
+    H, _, F = w_HDF.shape
+    G = kv_group(H, K, f"feature_map's x {x_BTKD.shape} (for w {w_HDF.shape})")
+    dtype = compute_dtype(x_BTKD.dtype)
+    w_KGDF = w_HDF.astype(dtype).reshape(K, G, D, F)
+    u_BTHF = jnp.einsum("btkd,kgdf->btkgf", x_BTKD.astype(dtype), w_KGDF).reshape(B, T, H, F)
     if b_H is not None:
         if b_H.shape != (w_HDF.shape[0],):
             raise ValueError(f"feature-map bias must be per head (H,)={w_HDF.shape[:1]}: {b_H.shape=}")
@@ -104,6 +111,6 @@ def feature_map(
     return jnp.maximum(phi_BTHF, jnp.asarray(spec.eps, dtype))
 
 
-def query_key_features(q_BTHD, k_BTHD, fmap: FeatureMapParams, spec: LolcatsSpec) -> tuple[Array, Array]:
-    """(f_q, f_k), each (B, T, H, F') in the compute dtype."""
-    return feature_map(q_BTHD, fmap.wq, fmap.bq, spec), feature_map(k_BTHD, fmap.wk, fmap.bk, spec)
+def query_key_features(q_BTHD, k_BTKD, fmap: FeatureMapParams, spec: LolcatsSpec) -> tuple[Array, Array]:
+    """(f_q, f_k), each (B, T, H, F') in the compute dtype (keys with K ≤ H heads: one key map per query head)."""
+    return feature_map(q_BTHD, fmap.wq, fmap.bq, spec), feature_map(k_BTKD, fmap.wk, fmap.bk, spec)

@@ -1,12 +1,15 @@
 """Recurrent decoding: prefill a state from a prompt, then one token at a time, equal to the parallel form.
 
-Notation: B batch, T tokens, H heads, D head dim, Dv value dim, F' feature dim, W window, R ring length (see
-spec.py). Per-token tensors are [B, H, D]; keys/values already repeated to H heads and post-RoPE.
+Notation: B batch, T tokens, H query heads, K key/value heads (grouped-query attention: query head h reads kv head
+h // (H/K)), D head dim, Dv value dim, F' feature dim, W window, R ring length (see spec.py). Per-token tensors are
+q [B, H, D], k [B, K, D], v [B, K, Dv], post-RoPE; keys and values are never repeated to H heads.
 
 State (O(1) in T, per-row positions so rows of a batch may be at different positions):
   s_BHFD, z_BHF   linear state Σ f_k v_jᵀ, Σ f_k over the keys that left the ring (compute dtype, ≥ float32)
-  k_BRHD, v_BRHD  ring of the R most recent raw keys/values (input dtype); slot r holds position p ≡ r (mod R)
-  fk_BRHF         their features f_k (compute dtype): f_k is computed once per key, when it enters the ring
+  k_BRKD, v_BRKD  ring of the R most recent raw keys/values, K heads (input dtype); slot r holds position p ≡ r
+                  (mod R)
+  fk_BRHF         their features f_k, one per query head (compute dtype; the key feature maps are per query head):
+                  f_k is computed once per key, when it enters the ring
   pos_B           tokens consumed per row (the position of the next token), int32
 
 Ring length and exact equivalence with the parallel form at every position t:
@@ -47,8 +50,8 @@ from kernels.lolcats.spec import LINEAR_DENOM_EPS, FeatureMapParams, LolcatsSpec
 class DecodeState(NamedTuple):
     s_BHFD: Array  # (B, H, F', Dv) compute dtype
     z_BHF: Array  # (B, H, F')
-    k_BRHD: Array  # (B, R, H, D) input dtype
-    v_BRHD: Array  # (B, R, H, Dv)
+    k_BRKD: Array  # (B, R, K, D) input dtype
+    v_BRKD: Array  # (B, R, K, Dv)
     fk_BRHF: Array  # (B, R, H, F') compute dtype
     pos_B: Array  # (B,) int32
     s_all_BHFD: Array | None = None  # compat only (see above)
@@ -86,14 +89,16 @@ def ring_len(spec: LolcatsSpec) -> int:
 
 
 def init_decode_state(batch: int, num_heads: int, head_dim: int, feature_out_dim: int, spec: LolcatsSpec,
-                      dtype=jnp.float32, value_dim: int | None = None) -> DecodeState:
-    """The empty state (no token consumed). feature_out_dim is F' (`spec.feature_out_dim(F)`)."""
+                      dtype=jnp.float32, value_dim: int | None = None, num_kv_heads: int | None = None) -> DecodeState:
+    """The empty state (no token consumed). feature_out_dim is F' (`spec.feature_out_dim(F)`); num_kv_heads is K
+    (default H)."""
     R, Dv, cdt = ring_len(spec), value_dim or head_dim, compute_dtype(dtype)
+    K = num_heads if num_kv_heads is None else num_kv_heads
     s = jnp.zeros((batch, num_heads, feature_out_dim, Dv), cdt)
     z = jnp.zeros((batch, num_heads, feature_out_dim), cdt)
     pos = jnp.zeros((batch,), jnp.int32)
     extra = (s, z, pos) if keeps_call_state(spec) else (None, None, None)
-    return DecodeState(s, z, jnp.zeros((batch, R, num_heads, head_dim), dtype), jnp.zeros((batch, R, num_heads, Dv), dtype),
+    return DecodeState(s, z, jnp.zeros((batch, R, K, head_dim), dtype), jnp.zeros((batch, R, K, Dv), dtype),
                        jnp.zeros((batch, R, num_heads, feature_out_dim), cdt), pos, *extra)
 
 
@@ -103,34 +108,45 @@ def _slot_positions(pos_B, R: int) -> Array:
     return last_B1 - jnp.mod(last_B1 - jnp.arange(R)[None, :], R)
 
 
+def weighted_kv_sum(w_BT, fk_BTHF, v_BTKD) -> tuple[Array, Array]:
+    """(Σ_t w f_k v_tᵀ (B, H, F', Dv), Σ_t w f_k (B, H, F')) with per-token weights w (B, T); v has K ≤ H heads
+    (query head h = k·G + g pairs its features with kv head k)."""
+    B, T, H, Fp = fk_BTHF.shape
+    K = v_BTKD.shape[2]
+    cdt = fk_BTHF.dtype
+    w = w_BT.astype(cdt)
+    fk_BTKGF = fk_BTHF.reshape(B, T, K, H // K, Fp)
+    s = jnp.einsum("bt,btkgf,btkd->bkgfd", w, fk_BTKGF, v_BTKD.astype(cdt)).reshape(B, H, Fp, v_BTKD.shape[-1])
+    return s, jnp.einsum("bt,bthf->bhf", w, fk_BTHF)
+
+
 def prefill_state(
-    k: Float[Array, "B T H D"],
-    v: Float[Array, "B T H Dv"],
+    k: Float[Array, "B T K D"],
+    v: Float[Array, "B T K Dv"],
     fmap: FeatureMapParams,
     spec: LolcatsSpec,
     lengths: Int[Array, "B"] | None = None,
 ) -> DecodeState:
     """State after consuming tokens [0, lengths_b) of each (right-padded) row; tokens at ≥ lengths_b are ignored.
 
-    lengths default to T and must lie in [0, T] (values outside are clipped).
+    lengths default to T and must lie in [0, T] (values outside are clipped). The query-head count H is that of
+    the feature maps (fmap.wk (H, D, F)).
     """
-    B, T, H, _ = k.shape
+    B, T, K, _ = k.shape
+    H = fmap.wk.shape[0]
     R = ring_len(spec)
     len_B = jnp.full((B,), T, jnp.int32) if lengths is None else jnp.clip(jnp.asarray(lengths, jnp.int32), 0, T)
     fk_BTHF = feature_map(k, fmap.wk, fmap.bk, spec)
-    cdt = fk_BTHF.dtype
     pos_T = jnp.arange(T)
-    in_state_BT = (pos_T[None, :] < (len_B - R)[:, None]).astype(cdt)  # keys that already left the ring
-    s_BHFD = jnp.einsum("bt,bthf,bthd->bhfd", in_state_BT, fk_BTHF, v.astype(cdt))
-    z_BHF = jnp.einsum("bt,bthf->bhf", in_state_BT, fk_BTHF)
+    in_state_BT = pos_T[None, :] < (len_B - R)[:, None]  # keys that already left the ring
+    s_BHFD, z_BHF = weighted_kv_sum(in_state_BT, fk_BTHF, v)
     if keeps_call_state(spec):  # the prompt is the first multi-token call: Σ over all of its tokens
-        valid_BT = (pos_T[None, :] < len_B[:, None]).astype(cdt)
-        extra = {"s_all_BHFD": jnp.einsum("bt,bthf,bthd->bhfd", valid_BT, fk_BTHF, v.astype(cdt)),
-                 "z_all_BHF": jnp.einsum("bt,bthf->bhf", valid_BT, fk_BTHF), "start_B": jnp.zeros((B,), jnp.int32)}
+        s_all, z_all = weighted_kv_sum(pos_T[None, :] < len_B[:, None], fk_BTHF, v)
+        extra = {"s_all_BHFD": s_all, "z_all_BHF": z_all, "start_B": jnp.zeros((B,), jnp.int32)}
     else:
         extra = {}
     if T == 0 or R == 0:
-        empty = init_decode_state(B, H, k.shape[-1], fk_BTHF.shape[-1], spec, k.dtype, v.shape[-1])
+        empty = init_decode_state(B, H, k.shape[-1], fk_BTHF.shape[-1], spec, k.dtype, v.shape[-1], K)
         return empty._replace(s_BHFD=s_BHFD, z_BHF=z_BHF, pos_B=len_B, **extra)
     slot_pos_BR = _slot_positions(len_B, R)
     idx_BR = jnp.clip(slot_pos_BR, 0, T - 1)
@@ -142,11 +158,17 @@ def prefill_state(
     return DecodeState(s_BHFD, z_BHF, gather(k), gather(v), gather(fk_BTHF), len_B)._replace(**extra)
 
 
+def _outer(fk_BHF, v_BKD, K: int) -> Array:
+    """f_k v_ᵀ per query head (B, H, F', Dv), query head h = k·G + g pairing with kv head k."""
+    B, H, Fp = fk_BHF.shape
+    return jnp.einsum("bkgf,bkd->bkgfd", fk_BHF.reshape(B, K, H // K, Fp), v_BKD).reshape(B, H, Fp, v_BKD.shape[-1])
+
+
 def decode_step(
     state: DecodeState,
     q_t: Float[Array, "B H D"],
-    k_t: Float[Array, "B H D"],
-    v_t: Float[Array, "B H Dv"],
+    k_t: Float[Array, "B K D"],
+    v_t: Float[Array, "B K Dv"],
     fmap: FeatureMapParams,
     theta_H: Float[Array, "H"] | None,
     spec: LolcatsSpec,
@@ -154,12 +176,14 @@ def decode_step(
     """Consume one token per row (at that row's position state.pos_B) and return its output y_t (q_t's dtype)."""
     dspec = _decode_spec(spec)
     B, H, D = q_t.shape
+    K = k_t.shape[1]
+    G = H // K
     fq_BHF = feature_map(q_t[:, None], fmap.wq, fmap.bq, spec)[:, 0]
     fk_BHF = feature_map(k_t[:, None], fmap.wk, fmap.bk, spec)[:, 0]
     cdt = fq_BHF.dtype
-    v_BHD = v_t.astype(cdt)
+    per_kv = lambda x_BH_: x_BH_.reshape((B, K, G) + x_BH_.shape[2:])  # noqa: E731 (query head h = k·G + g)
     if dspec.form == "linear":
-        s_BHFD = state.s_BHFD + jnp.einsum("bhf,bhd->bhfd", fk_BHF, v_BHD)
+        s_BHFD = state.s_BHFD + _outer(fk_BHF, v_t.astype(cdt), K)
         z_BHF = state.z_BHF + fk_BHF
         num = jnp.einsum("bhf,bhfd->bhd", fq_BHF, s_BHFD)
         den = jnp.einsum("bhf,bhf->bh", fq_BHF, z_BHF) + LINEAR_DENOM_EPS
@@ -167,7 +191,7 @@ def decode_step(
         return (num / den[..., None]).astype(q_t.dtype), new
     if theta_H is None:
         raise ValueError(f"form='hybrid' needs theta_H of shape (H,) = ({H},), got None")
-    R = state.k_BRHD.shape[1]
+    R = state.k_BRKD.shape[1]
     if R != ring_len(spec):
         raise ValueError(f"state ring length {R} does not match {ring_len(spec)=} for this spec")
     t_B = state.pos_B
@@ -178,12 +202,12 @@ def decode_step(
     # outer product: the three-operand einsum materialised (B, R, H, F') products, ~17× slower on CPU
     evict_BR = (slot_BR & (t_B - R >= start_B)[:, None]).astype(cdt)
     fk_out_BHF = jnp.einsum("br,brhf->bhf", evict_BR, state.fk_BRHF)
-    v_out_BHD = jnp.einsum("br,brhd->bhd", evict_BR, state.v_BRHD.astype(cdt))
-    s_BHFD = state.s_BHFD + jnp.einsum("bhf,bhd->bhfd", fk_out_BHF, v_out_BHD)
+    v_out_BKD = jnp.einsum("br,brkd->bkd", evict_BR, state.v_BRKD.astype(cdt))
+    s_BHFD = state.s_BHFD + _outer(fk_out_BHF, v_out_BKD, K)
     z_BHF = state.z_BHF + fk_out_BHF
     # 2. write token t into its slot
     put = lambda buf, x: jnp.where(slot_BR[:, :, None, None], x[:, None].astype(buf.dtype), buf)  # noqa: E731
-    k_BRHD, v_BRHD, fk_BRHF = put(state.k_BRHD, k_t), put(state.v_BRHD, v_t), put(state.fk_BRHF, fk_BHF)
+    k_BRKD, v_BRKD, fk_BRHF = put(state.k_BRKD, k_t), put(state.v_BRKD, v_t), put(state.fk_BRHF, fk_BHF)
     # 3. attend: ring keys by the parallel form's key-set rule, older keys through (S, z)
     slot_pos_BR = _slot_positions(t_B + 1, R)
     win_BR, lin_BR = key_sets(t_B[:, None], slot_pos_BR, 0, dspec)
@@ -191,22 +215,23 @@ def decode_step(
     win_B1R, lin_B1R = (win_BR & valid_BR)[:, None], (lin_BR & valid_BR)[:, None]
     gamma_H, lam_H = window_factors(theta_H, spec, cdt)
     g, l = gamma_H[None, :, None], lam_H[None, :, None]
-    s_BHR = jnp.einsum("bhd,brhd->bhr", q_t.astype(cdt), k_BRHD.astype(cdt)) / np.sqrt(D)
+    s_BHR = jnp.einsum("bkgd,brkd->bkgr", per_kv(q_t.astype(cdt)), k_BRKD.astype(cdt)).reshape(B, H, R) / np.sqrt(D)
     s_BHR = jnp.where(win_B1R, s_BHR, -jnp.inf)
     c_BH1 = jnp.max(s_BHR, axis=-1, keepdims=True)  # the current token is always a window key
     p_BHR = g * jnp.where(win_B1R, jnp.exp(s_BHR - c_BH1), 0.0) \
         + l * jnp.where(lin_B1R, jnp.einsum("bhf,brhf->bhr", fq_BHF, fk_BRHF), 0.0)
-    num = jnp.einsum("bhr,brhd->bhd", p_BHR, v_BRHD.astype(cdt)) + l * jnp.einsum("bhf,bhfd->bhd", fq_BHF, s_BHFD)
+    num_BHD = jnp.einsum("bkgr,brkd->bkgd", per_kv(p_BHR), v_BRKD.astype(cdt)).reshape(B, H, -1)
+    num = num_BHD + l * jnp.einsum("bhf,bhfd->bhd", fq_BHF, s_BHFD)
     den = jnp.sum(p_BHR, axis=-1) + l[..., 0] * jnp.einsum("bhf,bhf->bh", fq_BHF, z_BHF)
-    new = state._replace(s_BHFD=s_BHFD, z_BHF=z_BHF, k_BRHD=k_BRHD, v_BRHD=v_BRHD, fk_BRHF=fk_BRHF, pos_B=t_B + 1)
+    new = state._replace(s_BHFD=s_BHFD, z_BHF=z_BHF, k_BRKD=k_BRKD, v_BRKD=v_BRKD, fk_BRHF=fk_BRHF, pos_B=t_B + 1)
     return (num / den[..., None]).astype(q_t.dtype), new
 
 
 def decode_tokens(
     state: DecodeState,
     q: Float[Array, "B N H D"],
-    k: Float[Array, "B N H D"],
-    v: Float[Array, "B N H Dv"],
+    k: Float[Array, "B N K D"],
+    v: Float[Array, "B N K Dv"],
     fmap: FeatureMapParams,
     theta_H: Float[Array, "H"] | None,
     spec: LolcatsSpec,

@@ -1,6 +1,8 @@
 """Quadratic reference implementation of every attention form (the ground truth other backends are tested against).
 
-Notation: B batch, T tokens (queries i, keys j), H heads, D head dim, F' feature dim (see spec.py).
+Notation: B batch, T tokens (queries i, keys j), H query heads, K key/value heads, D head dim, F' feature dim (see
+spec.py). Grouped-query inputs are expanded here, literally: query head h uses kv head h // (H/K)
+(`repeat_kv_heads`) — the ground truth that the backends, which never repeat k and v, are tested against.
 Materialises (B, H, T, T) maps: for tests and short sequences only. Computes in float32 (float64 for float64
 inputs, e.g. under `jax.enable_x64`); outputs are cast back to the input dtype. Plain JAX, differentiable by
 autodiff wrt q, k, v, feature-map parameters and θ. Supports spec.compat (original end-aligned tk masks).
@@ -13,7 +15,13 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from kernels.lolcats.feature_maps import compute_dtype, query_key_features, window_factors
-from kernels.lolcats.spec import LINEAR_DENOM_EPS, FeatureMapParams, LolcatsSpec, key_set_masks
+from kernels.lolcats.spec import LINEAR_DENOM_EPS, FeatureMapParams, LolcatsSpec, key_set_masks, kv_group
+
+
+def repeat_kv_heads(x_BTKD, num_heads: int) -> Array:
+    """(B, T, K, X) → (B, T, H, X): head h is kv head h // (H/K) (the reference's reading of grouped-query inputs)."""
+    G = kv_group(num_heads, x_BTKD.shape[2], f"k/v {x_BTKD.shape}")
+    return x_BTKD if G == 1 else jnp.repeat(x_BTKD, G, axis=2)
 
 
 def _scores(q_BTHD, k_BTHD) -> Array:
@@ -55,14 +63,16 @@ def _student_unnormalised(q_BTHD, k_BTHD, fmap, theta_H, spec) -> tuple[Array, A
 
 def lolcats_attention_reference(
     q: Float[Array, "B T H D"],
-    k: Float[Array, "B T H D"],
-    v: Float[Array, "B T H D"],
+    k: Float[Array, "B T K D"],
+    v: Float[Array, "B T K Dv"],
     fmap: FeatureMapParams,
     theta_H: Float[Array, "H"] | None,
     spec: LolcatsSpec,
-) -> Float[Array, "B T H D"]:
-    """y (B, T, H, D) of spec.form ("hybrid" | "linear" | "softmax"), quadratic in T, in q's dtype."""
+) -> Float[Array, "B T H Dv"]:
+    """y (B, T, H, Dv) of spec.form ("hybrid" | "linear" | "softmax"), quadratic in T, in q's dtype."""
     dtype = compute_dtype(q.dtype)
+    H = q.shape[2]
+    k, v = repeat_kv_heads(k, H), repeat_kv_heads(v, H)
     v_BTHD = v.astype(dtype)
     if spec.form == "softmax":
         a_BHTT = _teacher_weights(q, k)
@@ -75,7 +85,7 @@ def lolcats_attention_reference(
 
 def attention_weights_reference(
     q: Float[Array, "B T H D"],
-    k: Float[Array, "B T H D"],
+    k: Float[Array, "B T K D"],
     fmap: FeatureMapParams,
     theta_H: Float[Array, "H"] | None,
     spec: LolcatsSpec,
@@ -84,6 +94,7 @@ def attention_weights_reference(
 
     teacher = causal softmax with 1/√D; student = the normalised weights of spec.form (reference §3.3 `a`).
     """
+    k = repeat_kv_heads(k, q.shape[2])
     teacher_BHTT = _teacher_weights(q, k)
     if spec.form == "softmax":
         return teacher_BHTT, teacher_BHTT

@@ -1,8 +1,9 @@
 """Static configuration, parameter containers and key-set (mask) definitions of LoLCATS attention.
 
 Notation (used by every module of this package):
-  B = batch, T = tokens (query i, key j; positions 0..T-1), H = heads (keys/values already repeated to the query
-  heads), D = head dim, F = learned feature dim, F' = final feature dim (2F for fullspace softmax_dim/exp_dim, else F),
+  B = batch, T = tokens (query i, key j; positions 0..T-1), H = query heads, K = key/value heads (grouped-query
+  attention: H a multiple of K, query head h reads kv head h // G with G = H / K; keys and values are never
+  repeated to H heads in memory), D = head dim, F = learned feature dim, F' = final feature dim (2F for fullspace softmax_dim/exp_dim, else F),
   W = window size, C = chunk length, N = number of chunks, R = decode ring length.
   Arrays carry their shape as a suffix (`q_BTHD`, `w_HDF`, `theta_H`); public signatures also use jaxtyping.
 
@@ -103,6 +104,15 @@ class LolcatsSpec:
         if self.window == "tk":
             return -(-c // w) * w
         return max(c, w)
+
+
+def kv_group(num_heads: int, num_kv_heads: int, what: str = "k, v") -> int:
+    """G = H / K, the query heads per key/value head; a ValueError naming the shapes if K does not divide H."""
+    H, K = int(num_heads), int(num_kv_heads)
+    if K < 1 or H % K:
+        raise ValueError(f"{what} must have K key/value heads dividing the H={H} query heads (grouped-query "
+                         f"attention, query head h reads kv head h // (H/K)); got K={K}")
+    return H // K
 
 
 class FeatureMapParams(NamedTuple):

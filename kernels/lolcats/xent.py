@@ -1,6 +1,7 @@
 """Attention-map cross-entropy between the softmax teacher and the LoLCATS student (stage-1 `xent` loss, §4.3).
 
-Notation: B batch, T tokens (queries i, keys j), H heads, D head dim, F' feature dim, Cq query-chunk length.
+Notation: B batch, T tokens (queries i, keys j), H query heads, K key/value heads (query head h = k·G + g reads kv
+head k; keys are never repeated), D head dim, F' feature dim, Cq query-chunk length.
 
   xent = mean over (b, h, i) of −Σ_j A_teacher[i, j] · log max(a_student[i, j], 1e-12)
 
@@ -39,8 +40,8 @@ def attention_xent_reference(q, k, fmap: FeatureMapParams, theta_H, spec: Lolcat
 
 def attention_xent(
     q: Float[Array, "B T H D"],
-    k: Float[Array, "B T H D"],
-    v: Float[Array, "B T H D"] | None,
+    k: Float[Array, "B T K D"],
+    v: Float[Array, "B T K Dv"] | None,
     fmap: FeatureMapParams,
     theta_H: Float[Array, "H"] | None,
     spec: LolcatsSpec,
@@ -55,11 +56,12 @@ def attention_xent(
     if query_chunk < 1:
         raise ValueError(f"{query_chunk=} must be >= 1")
     B, T, H, D = q.shape
+    K = k.shape[2]
     dtype = compute_dtype(q.dtype)
     Cq = min(int(query_chunk), T)
     N = -(-T // Cq)
     pad = ((0, 0), (0, N * Cq - T), (0, 0), (0, 0))
-    q_BTHD, k_BTHD = q.astype(dtype), k.astype(dtype)
+    q_BTHD, k_BTKD = q.astype(dtype), k.astype(dtype)
     q_NBCHD = jnp.pad(q_BTHD, pad).reshape(B, N, Cq, H, D).swapaxes(0, 1)
     if spec.form != "softmax":
         fq, fk_BTHF = query_key_features(q, k, fmap, spec)
@@ -78,7 +80,8 @@ def attention_xent(
         n, q_BCHD, fq_BCHF = args
         row_C = n * Cq + jnp.arange(Cq)
         qpos_C1 = jnp.minimum(row_C, T - 1)[:, None]  # padded rows reuse row T−1's masks (finite; excluded below)
-        s_BHCT = jnp.einsum("bihd,bjhd->bhij", q_BCHD, k_BTHD) * scale
+        q_BCKGD = q_BCHD.reshape(B, Cq, K, H // K, D)
+        s_BHCT = jnp.einsum("bikgd,bjkd->bkgij", q_BCKGD, k_BTKD).reshape(B, H, Cq, T) * scale
         causal_CT = key_pos_T[None, :] <= qpos_C1
         teacher = jax.nn.softmax(jnp.where(causal_CT, s_BHCT, -jnp.inf), axis=-1)
         if spec.form == "softmax":

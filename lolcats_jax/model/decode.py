@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from lolcats_jax.model import layer as L
 from lolcats_jax.model.llama import Llama, segments_of
-from lolcats_jax.model.softmax_attention import cached_softmax_attention, causal_softmax_attention, repeat_kv
+from lolcats_jax.model.softmax_attention import cached_softmax_attention, causal_softmax_attention
 
 
 class Cache(NamedTuple):
@@ -47,10 +47,8 @@ def right_align(tokens_BT: jax.Array, mask_BT: jax.Array) -> tuple[jax.Array, ja
 def _lolcats_prefill(ctx, p, q, k, v, lengths):
     from kernels.lolcats import prefill_state
 
-    G = ctx.cfg.group_size
-    kr, vr = repeat_kv(k, G), repeat_kv(v, G)
     y = L.lolcats_attention_fn(ctx, p, q, k, v)
-    state = prefill_state(kr, vr, L.fmap_params(p), ctx.opts.lolcats.spec(), lengths=lengths)
+    state = prefill_state(k, v, L.fmap_params(p), ctx.opts.lolcats.spec(), lengths=lengths)
     return y, state
 
 
@@ -125,7 +123,7 @@ def extend_hidden(model: Llama, cache: Cache, tokens_BN: jax.Array, lengths_B: j
     from kernels.lolcats.continuation import extend_state
 
     B, N = tokens_BN.shape
-    pos, G = cache.pos, model.cfg.group_size
+    pos = cache.pos
     lengths_B = jnp.clip(lengths_B.astype(jnp.int32), 0, N)
     positions_BN = pos[:, None] + jnp.arange(N, dtype=jnp.int32)[None, :]
     ctx = model._ctx(positions_BN)
@@ -142,8 +140,7 @@ def extend_hidden(model: Llama, cache: Cache, tokens_BN: jax.Array, lengths_B: j
         return cached_softmax_attention(q, kc, vc, valid_BNS), {"k": kc, "v": vc}
 
     def attend_lolcats(p, c, q, k, v):
-        return extend_state(c, q, repeat_kv(k, G), repeat_kv(v, G), L.fmap_params(p), p["window_logit"], spec,
-                            lengths_B)
+        return extend_state(c, q, k, v, L.fmap_params(p), p["window_logit"], spec, lengths_B)
 
     x, segments = _through_layers(model, cache, model.embed_tokens(tokens_BN), ctx, attend_softmax, attend_lolcats)
     return x, Cache(segments, pos + lengths_B)
@@ -158,7 +155,6 @@ def branch_hidden(model: Llama, cache: Cache, tokens_BM: jax.Array, offset_BM: j
     `extend` of that branch alone; the cache is neither copied per branch nor advanced. Default-mode models only."""
     from kernels.lolcats.continuation import branch_outputs
 
-    G = model.cfg.group_size
     pos_BM = cache.pos[:, None] + offset_BM.astype(jnp.int32)
     ctx = model._ctx(pos_BM)
     spec = ctx.opts.lolcats.spec()
@@ -173,8 +169,8 @@ def branch_hidden(model: Llama, cache: Cache, tokens_BM: jax.Array, offset_BM: j
         return cached_softmax_attention(q, kc, vc, jnp.concatenate([prefix_BMS, own_BMM], axis=2)), None
 
     def attend_lolcats(p, c, q, k, v):
-        return branch_outputs(c, q, repeat_kv(k, G), repeat_kv(v, G), L.fmap_params(p), p["window_logit"], spec,
-                              pos_BM, branch_BM, real_BM), None
+        return branch_outputs(c, q, k, v, L.fmap_params(p), p["window_logit"], spec, pos_BM, branch_BM,
+                              real_BM), None
 
     x, _ = _through_layers(model, cache, model.embed_tokens(tokens_BM), ctx, attend_softmax, attend_lolcats)
     return x  # the cache is read, not advanced: the layers return no new one
@@ -187,7 +183,7 @@ def decode_step(model: Llama, cache: Cache, tokens_B: jax.Array,
     from kernels.lolcats import decode_step as lolcats_decode
     from kernels.lolcats import select_rows
 
-    pos, G = cache.pos, model.cfg.group_size
+    pos = cache.pos
     ctx = model._ctx(pos[:, None])
     spec = ctx.opts.lolcats.spec()
 
@@ -203,8 +199,7 @@ def decode_step(model: Llama, cache: Cache, tokens_B: jax.Array,
         return cached_softmax_attention(q, kc, vc, valid), {"k": kc, "v": vc}
 
     def attend_lolcats(p, c, q, k, v):
-        kr, vr = repeat_kv(k, G), repeat_kv(v, G)
-        y_t, c_new = lolcats_decode(c, q[:, 0], kr[:, 0], vr[:, 0], L.fmap_params(p), p["window_logit"], spec)
+        y_t, c_new = lolcats_decode(c, q[:, 0], k[:, 0], v[:, 0], L.fmap_params(p), p["window_logit"], spec)
         if active_B is not None:
             c_new = select_rows(active_B, c_new, c)
         return y_t[:, None], c_new

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from lolcats_jax.model.llama import LayerContext, apply_rope_ctx, causal_softmax_attention, repeat_kv, rms_norm
+from lolcats_jax.model.llama import LayerContext, apply_rope_ctx, causal_softmax_attention, rms_norm
 from lolcats_jax.sharding import constrain
 
 
@@ -111,12 +111,11 @@ def lolcats_attention_fn(ctx: LayerContext, p: dict, q, k, v):
     from lolcats_jax.model.kernel_shards import OPAQUE_BACKENDS, per_shard
 
     lo = ctx.opts.lolcats
-    G = ctx.cfg.group_size
     spec, fmap = lo.spec(), fmap_params(p)
     feature_dim = 0 if spec.form == "softmax" else fmap.wq.shape[-1]
-    backend = resolve_backend(Backend(lo.backend), spec, (q.shape, v.shape[:2] + q.shape[2:3] + v.shape[3:], feature_dim))
+    backend = resolve_backend(Backend(lo.backend), spec, (q.shape, v.shape, feature_dim))
     attend = functools.partial(_attend, spec=spec, backend=backend)
-    args = (q, repeat_kv(k, G), repeat_kv(v, G), fmap, p["window_logit"])
+    args = (q, k, v, fmap, p["window_logit"])  # k, v keep their K heads: every backend reads them grouped
     return per_shard(attend, *args) if backend in OPAQUE_BACKENDS else attend(*args)
 
 
@@ -148,10 +147,7 @@ def make_body(ctx: LayerContext, kind: str, mode: str, **kw) -> Callable[[jax.Ar
             if kw.get("xent", False):
                 from kernels.lolcats import attention_xent
 
-                G = ctx.cfg.group_size
-                aux["xent"] = attention_xent(
-                    q_s, repeat_kv(k_s, G), repeat_kv(v_s, G), fmap_params(p), p["window_logit"], ctx.opts.lolcats.spec()
-                )
+                aux["xent"] = attention_xent(q_s, k_s, v_s, fmap_params(p), p["window_logit"], ctx.opts.lolcats.spec())
             y = y_teacher
         else:
             y = lolcats_attention_fn(ctx, p, q, k, v)

@@ -40,7 +40,7 @@ from flax import nnx
 from lolcats_jax.model.llama_config import LlamaConfig
 from lolcats_jax.model.options import LORA_TARGETS, ModelOptions, to_dtype
 from lolcats_jax.model.rope import apply_rope, inverse_frequencies, rope_tables
-from lolcats_jax.model.softmax_attention import cached_softmax_attention, causal_softmax_attention, repeat_kv
+from lolcats_jax.model.softmax_attention import cached_softmax_attention, causal_softmax_attention
 from lolcats_jax.sharding import constrain
 
 
@@ -352,5 +352,4 @@ __all__ = [
     "lora_shapes",
     "causal_softmax_attention",
     "cached_softmax_attention",
-    "repeat_kv",
 ]

@@ -96,10 +96,3 @@ def cached_softmax_attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.A
     probs = jax.nn.softmax(scores, axis=-1)
     y = jnp.einsum("bkgts,bskd->btkgd", probs, v_BSKD.astype(jnp.float32))
     return y.reshape(B, T, H, D).astype(q_BTHD.dtype)
-
-
-def repeat_kv(x_BTKD: jax.Array, group_size: int) -> jax.Array:
-    """(B,T,K,D) → (B,T,K·G,D): query head h uses kv head h // G (transformers' repeat_kv)."""
-    if group_size == 1:
-        return x_BTKD
-    return jnp.repeat(x_BTKD, group_size, axis=2)

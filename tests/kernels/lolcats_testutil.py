@@ -21,15 +21,17 @@ ref_weights = jax.jit(attention_weights_reference, static_argnums=4)
 # --------------------------------------------------------------------------------------------- inputs / metric
 
 
-def make_inputs(seed, B, T, H, D, F, dtype=jnp.float32, bias=False, qk_scale=1.0, theta_scale=1.0):
-    """Random q, k, v (B,T,H,D), feature maps with random (not identity) weights, θ (H,), as `dtype` jax arrays.
+def make_inputs(seed, B, T, H, D, F, dtype=jnp.float32, bias=False, qk_scale=1.0, theta_scale=1.0, K=None):
+    """Random q (B,T,H,D), k, v (B,T,K,D) (K = H unless given: grouped-query attention), feature maps with random
+    (not identity) weights (H,D,F), θ (H,), as `dtype` jax arrays.
 
     Drawn with numpy (same values whatever the JAX precision mode, and no per-shape compilation)."""
     rng = np.random.default_rng(seed)
     arr = lambda x: jnp.asarray(np.asarray(x, np.float32), dtype)  # noqa: E731
+    K = H if K is None else K
     q = arr(qk_scale * rng.standard_normal((B, T, H, D)))
-    k = arr(qk_scale * rng.standard_normal((B, T, H, D)))
-    v = arr(rng.standard_normal((B, T, H, D)))
+    k = arr(qk_scale * rng.standard_normal((B, T, K, D)))
+    v = arr(rng.standard_normal((B, T, K, D)))
     wq = arr(rng.standard_normal((H, D, F)) / math.sqrt(D))
     wk = arr(rng.standard_normal((H, D, F)) / math.sqrt(D))
     bq = arr(rng.standard_normal(H)) if bias else None
@@ -111,19 +113,23 @@ def naive_feature(x_D, w_DF, b, spec: LolcatsSpec) -> np.ndarray:
     return np.maximum(np.concatenate(parts), spec.eps)
 
 
-def naive_features(x_BTHD, w_HDF, b_H, spec) -> np.ndarray:
-    B, T, H, _ = x_BTHD.shape
-    out = [[[naive_feature(x_BTHD[b, t, h], w_HDF[h], None if b_H is None else b_H[h], spec)
+def naive_features(x_BTKD, w_HDF, b_H, spec) -> np.ndarray:
+    """(B, T, H, F'): query head h's map applied to x head h // (H/K) (keys with K ≤ H heads)."""
+    B, T, K, _ = x_BTKD.shape
+    H = w_HDF.shape[0]
+    out = [[[naive_feature(x_BTKD[b, t, h // (H // K)], w_HDF[h], None if b_H is None else b_H[h], spec)
              for h in range(H)] for t in range(T)] for b in range(B)]
     return np.asarray(out)
 
 
 def naive_attention(q, k, v, fmap, theta, spec: LolcatsSpec, return_weights=False):
-    """y (B,T,H,D) (and the student weights (B,H,T,T)) in float64 by explicit loops over queries and key sets."""
+    """y (B,T,H,D) (and the student weights (B,H,T,T)) in float64 by explicit loops over queries and key sets;
+    k, v may have K ≤ H heads (query head h reads kv head h // (H/K))."""
     q, k, v, fmap, theta = to64((q, k, v, fmap, theta))
     B, T, H, D = q.shape
+    G = H // k.shape[2]
+    y = np.zeros(q.shape[:3] + v.shape[-1:])
     win, lin = naive_sets(T, spec)
-    y = np.zeros_like(v)
     weights = np.zeros((B, H, T, T))
     if spec.form != "softmax":
         fq = naive_features(q, fmap.wq, fmap.bq, spec)
@@ -136,7 +142,7 @@ def naive_attention(q, k, v, fmap, theta, spec: LolcatsSpec, return_weights=Fals
             for i in range(T):
                 a = np.zeros(T)
                 if spec.form == "softmax":
-                    s = np.array([q[b, i, h] @ k[b, j, h] / math.sqrt(D) for j in range(i + 1)])
+                    s = np.array([q[b, i, h] @ k[b, j, h // G] / math.sqrt(D) for j in range(i + 1)])
                     a[: i + 1] = np.exp(s - s.max()) / np.exp(s - s.max()).sum()
                     extra = 0.0
                 elif spec.form == "linear":
@@ -145,7 +151,7 @@ def naive_attention(q, k, v, fmap, theta, spec: LolcatsSpec, return_weights=Fals
                     extra = 1e-12
                 else:
                     wins = [j for j in range(T) if win[i, j]]
-                    s = {j: q[b, i, h] @ k[b, j, h] / math.sqrt(D) for j in wins}
+                    s = {j: q[b, i, h] @ k[b, j, h // G] / math.sqrt(D) for j in wins}
                     c = max(s.values())
                     for j in wins:
                         a[j] += gamma * math.exp(s[j] - c)
@@ -154,19 +160,21 @@ def naive_attention(q, k, v, fmap, theta, spec: LolcatsSpec, return_weights=Fals
                             a[j] += lam * (fq[b, i, h] @ fk[b, j, h])
                     extra = 0.0
                 den = a.sum() + extra
-                y[b, i, h] = (a[:, None] * v[b, :, h]).sum(0) / den
+                y[b, i, h] = (a[:, None] * v[b, :, h // G]).sum(0) / den
                 weights[b, h, i] = a / den
     return (y, weights) if return_weights else y
 
 
 def naive_teacher_weights(q, k) -> np.ndarray:
+    """Causal softmax maps (B, H, T, T) in float64; k may have K ≤ H heads (query head h reads kv head h // G)."""
     q, k = to64((q, k))
     B, T, H, D = q.shape
+    G = H // k.shape[2]
     out = np.zeros((B, H, T, T))
     for b in range(B):
         for h in range(H):
             for i in range(T):
-                s = np.array([q[b, i, h] @ k[b, j, h] / math.sqrt(D) for j in range(i + 1)])
+                s = np.array([q[b, i, h] @ k[b, j, h // G] / math.sqrt(D) for j in range(i + 1)])
                 out[b, h, i, : i + 1] = np.exp(s - s.max()) / np.exp(s - s.max()).sum()
     return out
 

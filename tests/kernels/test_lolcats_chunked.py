@@ -78,6 +78,23 @@ def test_chunked_matches_reference_random_shapes(window, W, chunk, T, B, H, affi
     assert y_err < 1e-11 and max(g_err.values()) < 1e-10, (y_err, g_err)
 
 
+@pytest.mark.parametrize("heads", [(2, 2), (3, 1), (8, 2), (8, 1)], ids=["G1", "G3", "G4", "G8"])
+@pytest.mark.parametrize("kw", [dict(window="tk", window_size=4, chunk_size=8), dict(window="sw", window_size=3,
+                                chunk_size=5), dict(form="linear", chunk_size=4), dict(form="softmax", chunk_size=4)],
+                         ids=["tk", "sw", "linear", "softmax"])
+def test_chunked_grouped_kv_heads_match_reference_float64(kw, heads):
+    """Grouped-query inputs (G = H/K query heads per kv head, k and v never repeated): outputs and every gradient
+    (dk, dv summed over each group) equal the reference, which expands the kv heads literally."""
+    H, K = heads
+    spec = LolcatsSpec(**kw)
+    with enable_x64():
+        inputs = make_inputs(4, 2, 13, H, 8, 4, jnp.float64, bias=True, K=K)
+        y_ref, g_ref = output_and_grads(lolcats_attention_reference, inputs, spec)
+        y, g = output_and_grads(lolcats_attention_chunked, inputs, spec)
+    assert y.shape == (2, 13, H, 8) and g[1].shape == (2, 13, K, 8) and g[2].shape == (2, 13, K, 8)
+    assert rel_rms(y, y_ref) < 1e-12 and max(grad_errors(g, g_ref).values()) < 1e-11, grad_errors(g, g_ref)
+
+
 def test_chunked_backward_memory_is_linear_in_T():
     """Compiled temp memory of value-and-grad grows ~linearly with T (the reference's grows quadratically)."""
     spec = LolcatsSpec(window="tk", window_size=16, chunk_size=16)
@@ -123,6 +140,9 @@ def test_api_dispatch_and_errors():
     assert rel_rms(y_auto, y_ref) < 1e-5
     with pytest.raises(ValueError, match="k.shape"):
         lolcats_attention(q, k[:, :5], v, fmap, theta, spec)
+    q3, k3, v3, fmap3, theta3 = make_inputs(0, 1, 6, 3, 4, 2, K=3)
+    with pytest.raises(ValueError, match="dividing the H=3 query heads"):
+        lolcats_attention(q3, k3[:, :, :2], v3[:, :, :2], fmap3, theta3, spec)
     with pytest.raises(ValueError, match="theta_H"):
         lolcats_attention(q, k, v, fmap, None, spec)
     with pytest.raises(ValueError, match="fmap.wq"):

@@ -68,15 +68,18 @@ def _lengths(script, B):
     return [sum((c[1][b] if c[0] != "decode" else 1) for c in script) for b in range(B)]
 
 
+@pytest.mark.parametrize("heads", [(2, 2), (6, 2)], ids=["H2K2", "H6K2"])
 @pytest.mark.parametrize("kw", [dict(window="tk", window_size=4), dict(window="sw", window_size=3),
                                 dict(window="tk", window_size=3, feature_map="exp_dim", affine=True),
                                 dict(form="linear")], ids=["tk4", "sw3", "tk3_exp_affine", "linear"])
-def test_continuation_equals_parallel_form(kw):
-    """Every consumed position, every row (rows consume different numbers of tokens per call), float64."""
+def test_continuation_equals_parallel_form(kw, heads):
+    """Every consumed position, every row (rows consume different numbers of tokens per call), float64; with
+    grouped kv heads (H6K2: 3 query heads per kv head) the state's ring holds the K raw heads."""
     spec = LolcatsSpec(**kw)
+    H, K = heads
     with enable_x64():
         T = max(_lengths(SCRIPT, 2))
-        inputs = cast_tree(make_inputs(3, 2, T, 2, 8, 4), jnp.float64)
+        inputs = cast_tree(make_inputs(3, 2, T, H, 8, 4, K=K), jnp.float64)
         got, consumed = _run_ours(inputs, spec, SCRIPT)
         want = np.asarray(ref_attention(*inputs, spec), np.float64)
     assert consumed.tolist() == _lengths(SCRIPT, 2)
@@ -213,24 +216,25 @@ def test_compat_continuation_equals_the_original_cache(window):
 
 @pytest.mark.parametrize("spec", [LolcatsSpec(window="tk", window_size=4), LolcatsSpec(window="sw", window_size=3),
                                   LolcatsSpec(form="linear", feature_map="relu")], ids=["tk", "sw", "linear"])
-def test_branches_continue_one_state_like_the_parallel_form(spec):
+@pytest.mark.parametrize("heads", [(2, 2), (8, 2)], ids=["H2K2", "H8K2"])
+def test_branches_continue_one_state_like_the_parallel_form(spec, heads):
     """Several branches packed into one call after one shared prefix (the choices of a question after its context),
     each seeing the prefix and only its own earlier tokens, equal the float64 parallel form over prefix + that
     branch alone, token by token. Row 0: prefix 11 (the state holds linear keys), branches of 5, 1 and 7 tokens; row
     1: prefix 3 (inside the window), branches of 2 and 6; the packed call is padded to 16 slots."""
     from kernels.lolcats.continuation import branch_outputs
 
-    H, D, F, M = 2, 8, 4, 16
+    (H, K), D, F, M = heads, 8, 4, 16
     prefixes, branches = [11, 3], [[5, 1, 7], [2, 6]]
     with enable_x64():
         T = max(p + max(b) for p, b in zip(prefixes, branches))
-        q, k, v, fmap, theta = make_inputs(3, len(prefixes) * 3, T, H, D, F, dtype=jnp.float64)
+        q, k, v, fmap, theta = make_inputs(3, len(prefixes) * 3, T, H, D, F, dtype=jnp.float64, K=K)
         # sequence (row r, branch j) = row r's prefix (shared: taken from sequence 3r) followed by branch j's tokens
         seq = lambda x, r, j: jnp.concatenate([x[3 * r, : prefixes[r]], x[3 * r + j, prefixes[r]:]], 0)  # noqa: E731
         state = prefill_state(jnp.stack([k[3 * r] for r in range(2)])[:, : max(prefixes)],
                               jnp.stack([v[3 * r] for r in range(2)])[:, : max(prefixes)], fmap, spec,
                               jnp.asarray(prefixes))
-        packed = {name: np.zeros((2, M, H, D)) for name in "qkv"}
+        packed = {name: np.zeros((2, M) + x.shape[2:]) for name, x in zip("qkv", (q, k, v))}
         pos, branch, real = np.zeros((2, M), np.int32), np.full((2, M), -1, np.int32), np.zeros((2, M), bool)
         where = []
         for r, (P, lens) in enumerate(zip(prefixes, branches)):

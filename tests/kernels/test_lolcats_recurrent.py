@@ -67,11 +67,15 @@ def test_prefill_then_decode_equals_parallel_float32(case):
         np.testing.assert_allclose(got[b, L0:], want[b, L0:], rtol=2e-4, atol=2e-5)
 
 
+@pytest.mark.parametrize("heads", [(2, 2), (3, 1), (8, 2), (8, 1)], ids=["G1", "G3", "G4", "G8"])
 @pytest.mark.parametrize("window", ["sw", "tk"])
-def test_prefill_then_decode_equals_parallel_float64(window):
+def test_prefill_then_decode_equals_parallel_float64(window, heads):
+    """Grouped kv heads (G query heads per kv head) decode from a ring of the K raw heads, equal to the parallel
+    form, which reads kv head h // G for query head h."""
     spec = LolcatsSpec(window=window, window_size=3)
+    H, K = heads
     with enable_x64():
-        inputs = cast_tree(make_inputs(5, 2, 16, 2, 8, 4), jnp.float64)
+        inputs = cast_tree(make_inputs(5, 2, 16, H, 8, 4, K=K), jnp.float64)
         got, want = _prefill_then_decode(inputs, spec, [0, 5])
     assert rel_rms(got, want) < 1e-12
 
@@ -109,7 +113,7 @@ def test_state_sizes_dtypes_and_errors():
     q, k, v, fmap, theta = cast_tree(make_inputs(0, 2, 9, 3, 8, 4), jnp.bfloat16)
     state = prefill_state(k, v, fmap, spec)
     assert state.s_BHFD.shape == (2, 3, 8, 8) and state.s_BHFD.dtype == jnp.float32
-    assert state.k_BRHD.shape == (2, 8, 3, 8) and state.k_BRHD.dtype == jnp.bfloat16
+    assert state.k_BRKD.shape == (2, 8, 3, 8) and state.k_BRKD.dtype == jnp.bfloat16
     assert state.fk_BRHF.dtype == jnp.float32 and state.pos_B.dtype == jnp.int32
     y, state2 = jax.jit(decode_step, static_argnums=6)(state, q[:, 0], k[:, 0], v[:, 0], fmap, theta, spec)
     assert y.dtype == jnp.bfloat16 and y.shape == (2, 3, 8)
@@ -120,3 +124,17 @@ def test_state_sizes_dtypes_and_errors():
         prefill_state(k, v, fmap, LolcatsSpec(form="softmax"))
     with pytest.raises(ValueError, match="ring length"):
         decode_step(state, q[:, 0], k[:, 0], v[:, 0], fmap, theta, dataclasses.replace(spec, window="sw"))
+
+
+def test_grouped_state_keeps_the_kv_heads_raw():
+    """H = 8 query heads over K = 2 kv heads: the ring holds K raw keys/values (4× less than repeated heads), the
+    linear state and the key features stay per query head; init_decode_state builds the same layout."""
+    spec = LolcatsSpec(window="tk", window_size=4)
+    q, k, v, fmap, theta = make_inputs(0, 2, 9, 8, 16, 4, K=2)
+    state = prefill_state(k, v, fmap, spec)
+    assert state.k_BRKD.shape == (2, 8, 2, 16) and state.v_BRKD.shape == (2, 8, 2, 16)
+    assert state.fk_BRHF.shape == (2, 8, 8, 8) and state.s_BHFD.shape == (2, 8, 8, 16)
+    empty = init_decode_state(2, 8, 16, 8, spec, num_kv_heads=2)
+    assert jax.tree.map(lambda a: (a.shape, a.dtype), empty) == jax.tree.map(lambda a: (a.shape, a.dtype), state)
+    y, _ = decode_step(state, q[:, 0], k[:, 0], v[:, 0], fmap, theta, spec)
+    assert y.shape == (2, 8, 16)

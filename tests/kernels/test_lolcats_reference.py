@@ -102,8 +102,10 @@ def test_feature_map_matches_naive(name, fullspace, bias):
 def test_feature_map_dtypes_and_errors():
     q, _, _, fmap, _ = make_inputs(0, 1, 3, 2, 4, 4, jnp.bfloat16)
     assert feature_map(q, fmap.wq, None, LolcatsSpec()).dtype == jnp.float32
-    with pytest.raises(ValueError, match="x_BTHD.shape"):
+    with pytest.raises(ValueError, match=r"dividing the H=1 query heads.*K=2"):
         feature_map(q, fmap.wq[:1], None, LolcatsSpec())
+    with pytest.raises(ValueError, match="matching D"):
+        feature_map(q, fmap.wq[:, :3], None, LolcatsSpec())
 
 
 def test_init_feature_maps():
@@ -152,6 +154,21 @@ def test_reference_matches_naive_float64(case):
     assert rel_rms(y, want) < 1e-12
     np.testing.assert_allclose(np.asarray(student), want_w, rtol=1e-10, atol=1e-14)
     np.testing.assert_allclose(np.asarray(teacher), naive_teacher_weights(q, k), rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("heads", [(3, 1), (8, 2), (8, 1)], ids=["G3", "G4", "G8"])
+@pytest.mark.parametrize("form", ["hybrid", "linear", "softmax"])
+def test_reference_grouped_kv_heads_match_naive_float64(form, heads):
+    """Query head h reads kv head h // G (G = H/K): the reference's expansion equals the naive loops, which index
+    the kv head per query head."""
+    H, K = heads
+    spec = LolcatsSpec(form=form, window="sw", window_size=3)
+    with enable_x64():
+        q, k, v, fmap, theta = make_inputs(1, 1, 9, H, 6, 4, jnp.float64, bias=True, K=K)
+        y, (teacher, student) = _ref_output_and_maps(q, k, v, fmap, theta, spec)
+    want, want_w = naive_attention(q, k, v, fmap, theta, spec, return_weights=True)
+    assert y.shape == (1, 9, H, 6) and rel_rms(y, want) < 1e-12
+    np.testing.assert_allclose(np.asarray(student), want_w, rtol=1e-10, atol=1e-14)
 
 
 @pytest.mark.parametrize("spec", [LolcatsSpec(window="tk", window_size=3, feature_map="softmax_dim"),

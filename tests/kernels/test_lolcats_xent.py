@@ -40,11 +40,13 @@ def test_blockwise_xent_matches_full_map_reference(kw):
         assert rel_rms(g, g_ref) < 1e-4
 
 
+@pytest.mark.parametrize("heads", [(2, 2), (4, 1)], ids=["H2K2", "H4K1"])
 @pytest.mark.parametrize("kw", SPECS[:4], ids=lambda kw: "-".join(map(str, kw.values())))
-def test_xent_matches_naive_float64(kw):
+def test_xent_matches_naive_float64(kw, heads):
     spec = LolcatsSpec(**kw)
+    H, K = heads
     with enable_x64():
-        q, k, v, fmap, theta = cast_tree(make_inputs(1, 1, 11, 2, 6, 3), jnp.float64)
+        q, k, v, fmap, theta = cast_tree(make_inputs(1, 1, 11, H, 6, 3, K=K), jnp.float64)
         got = float(jax.jit(lambda *a: attention_xent(*a, spec, query_chunk=4))(q, k, v, fmap, theta))
     _, student = naive_attention(q, k, v, fmap, theta, spec, return_weights=True)
     teacher = naive_teacher_weights(q, k)
