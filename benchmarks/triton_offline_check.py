@@ -1,12 +1,14 @@
 """Check the GPU kernels further than a lowering can, on a machine WITHOUT a GPU.
 
 Step `dump` (project environment, jax): lower the Pallas kernels (forward + backward, hybrid tk/sw and linear) for
-CUDA at Llama sizes (B=1, H=32, T=8192, D=128, F=64, W=64, bf16), save each kernel's Triton IR (TTIR text) with
-its num_warps / num_stages, and save small test cases (inputs + Pallas-interpret outputs) for the Triton kernel.
+CUDA at Llama sizes (B=1, H=32, T=8192, D=128, F=64, W=64, bf16), with K=32 kv heads and with K=8 (grouped-query,
+Llama-3.1-8B; those modules carry the suffix `_K8`), save each kernel's Triton IR (TTIR text) with its num_warps /
+num_stages, and save small test cases (inputs + Pallas-interpret outputs, some grouped-query) for the Triton
+kernel.
 Step `compile` (an environment with triton 3.6, torch CPU and numpy < 2.3; no jax needed):
   - compile every TTIR to PTX for sm_90 and run ptxas: fails on compile errors and on shared memory above an
     H100/H200 block's 227 KiB; reports registers and spills;
-  - compile the hand-written Triton kernel (triton_hybrid_kernel.py) the same way;
+  - compile the hand-written Triton kernel (triton_hybrid_kernel.py) the same way (KH = 32 and KH = 8 kv heads);
   - run the hand-written kernel in the Triton interpreter (TRITON_INTERPRET=1) on the saved cases and compare with
     the Pallas outputs (y, c, den).
 `all` runs both: python benchmarks/triton_offline_check.py all --triton-python /path/to/triton-env/bin/python
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import glob
 import importlib.util
+import itertools
 import json
 import os
 import re
@@ -28,6 +31,12 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_LIMIT = 232448  # bytes of shared memory one block may use on sm_90
+HEADS, KV_HEADS = 32, (32, 8)  # H query heads; K kv heads: multi-head, and grouped-query as Llama-3.1-8B
+
+
+def _kv_tag(K: int) -> str:
+    """Suffix of the kernels' names for K kv heads: none for K = H, `_K8` for grouped-query K = 8."""
+    return "" if K == HEADS else f"_K{K}"
 
 
 def dump(out: str) -> None:
@@ -54,42 +63,51 @@ def dump(out: str) -> None:
 
     reg.lowering.lower_jaxpr_to_triton_module = capture
     os.makedirs(out, exist_ok=True)
-    B, T, H, D, F = 1, 8192, 32, 128, 64
+    B, T, H, D, F = 1, 8192, HEADS, 128, 64
     x = jax.ShapeDtypeStruct((B, T, H, D), jnp.bfloat16)
     w = jax.ShapeDtypeStruct((H, D, F), jnp.float32)
     fmap, theta = FeatureMapParams(w, w, None, None), jax.ShapeDtypeStruct((H,), jnp.float32)
     manifest = []
-    for kw in (dict(window="tk"), dict(window="sw"), dict(form="linear")):
-        spec = LolcatsSpec(window_size=64, **kw)
+    for K in KV_HEADS:
+        kv = jax.ShapeDtypeStruct((B, T, K, D), jnp.bfloat16)
+        for kw in (dict(window="tk"), dict(window="sw"), dict(form="linear")):
+            spec = LolcatsSpec(window_size=64, **kw)
 
-        def loss(q, k, v, fmap, theta, spec=spec):
-            y = pallas_lolcats_attention(q, k, v, fmap, theta, spec, PallasConfig(interpret=False))
-            return jnp.sum(y.astype(jnp.float32))
+            def loss(q, k, v, fmap, theta, spec=spec):
+                y = pallas_lolcats_attention(q, k, v, fmap, theta, spec, PallasConfig(interpret=False))
+                return jnp.sum(y.astype(jnp.float32))
 
-        modules.clear()
-        text = compat.lower_for_cuda(jax.grad(loss, argnums=(0, 1, 2, 3, 4)), x, x, x, fmap, theta)
-        params = {m.group(1): (int(m.group(3)), int(m.group(2))) for m in re.finditer(
-            r'name = "([^"]+)", num_stages = (\d+) : i32, num_warps = (\d+) : i32', text)}
-        for asm in modules:
-            name = re.search(r"module @(\S+)", asm).group(1)
-            path = os.path.join(out, f"{name}.ttir")
-            with open(path, "w") as f:
-                f.write(asm)
-            warps, stages = params.get(name, (4, 1))
-            manifest.append(dict(path=path, name=name, num_warps=warps, num_stages=stages))
+            modules.clear()
+            text = compat.lower_for_cuda(jax.grad(loss, argnums=(0, 1, 2, 3, 4)), x, kv, kv, fmap, theta)
+            params = {m.group(1): (int(m.group(3)), int(m.group(2))) for m in re.finditer(
+                r'name = "([^"]+)", num_stages = (\d+) : i32, num_warps = (\d+) : i32', text)}
+            for asm in modules:
+                module = re.search(r"module @(\S+)", asm).group(1)
+                name = module + _kv_tag(K)
+                path = os.path.join(out, f"{name}.ttir")
+                with open(path, "w") as f:
+                    f.write(asm)
+                warps, stages = params.get(module, (4, 1))
+                manifest.append(dict(path=path, name=name, num_warps=warps, num_stages=stages))
     with open(os.path.join(out, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=1)
     print(f"{len(manifest)} Triton modules → {out}")
 
-    cases = [(dict(window="tk", window_size=16), None, 2, 100, 16), (dict(window="sw", window_size=16), 16, 2, 100, 32),
-             (dict(form="linear", window_size=16), 16, 1, 50, 16), (dict(window="sw", window_size=16), 32, 1, 77, 16)]
-    for idx, (kw, chunk, seg, T, D) in enumerate(cases):
+    cases = [  # (spec kwargs, chunk, chunks per segment, T, D, H, K)
+        (dict(window="tk", window_size=16), None, 2, 100, 16, 2, 2),
+        (dict(window="sw", window_size=16), 16, 2, 100, 32, 2, 2),
+        (dict(form="linear", window_size=16), 16, 1, 50, 16, 2, 2),
+        (dict(window="sw", window_size=16), 32, 1, 77, 16, 2, 2),
+        (dict(window="tk", window_size=16), 16, 2, 70, 16, 4, 2),  # grouped-query: 2 query heads per kv head
+        (dict(form="linear", window_size=16), 16, 2, 50, 16, 4, 1),  # one kv head for 4 query heads
+    ]
+    for idx, (kw, chunk, seg, T, D, H, K) in enumerate(cases):
         spec = LolcatsSpec(**kw)
-        q, k, v, fm, th = make_inputs(idx, 2, T, 2, D, 16, bias=True)
+        q, k, v, fm, th = make_inputs(idx, 2, T, H, D, 16, bias=True, K=K)
         lay = make_layout(spec, T, D, D, 16, PallasConfig(chunk=chunk, seg_chunks=seg, block_v=16), True)
         qp, kp, vp, hs = prepare_inputs(q, k, v, fm, th, spec, lay)
         y, c, den, S0, z0 = forward_call(qp, kp, vp, fm.wq, fm.wk, hs, lay, True)
-        meta = dict(T=T, TP=qp.shape[1], H=2, D=D, DV=D, F=16, P=lay.num_parts, C=lay.chunk, BV=lay.block_v,
+        meta = dict(T=T, TP=qp.shape[1], H=H, KH=K, D=D, DV=D, F=16, P=lay.num_parts, C=lay.chunk, BV=lay.block_v,
                     N=lay.num_chunks, G=lay.seg_chunks, NS=lay.num_segments, W=lay.window_size,
                     HAS_WINDOW=lay.has_window, TK=lay.window == "tk", LIN_CUR=lay.linear_in("cur"),
                     LIN_PREV=lay.has_window and lay.linear_in("prev"), FM_EPS=lay.fm_eps, DEN_EPS=lay.den_eps,
@@ -136,10 +154,10 @@ def compile_all(out: str) -> bool:
     tk = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tk)
     fn = tk.lolcats_fwd_kernel
-    for form, window in (("hybrid", "tk"), ("hybrid", "sw"), ("linear", "tk")):
+    for (form, window), KH in itertools.product((("hybrid", "tk"), ("hybrid", "sw"), ("linear", "tk")), KV_HEADS):
         has_w, C, W, T = form == "hybrid", 64, 64, 8192
-        const = dict(T=T, TP=T, H=32, D=128, DV=128, F=64, P=2, C=C, BV=64, N=T // C, G=16, NS=T // C // 16, W=W,
-                     HAS_WINDOW=has_w, TK=window == "tk", LIN_CUR=not has_w, LIN_PREV=has_w and window == "sw",
+        const = dict(T=T, TP=T, H=HEADS, KH=KH, D=128, DV=128, F=64, P=2, C=C, BV=64, N=T // C, G=16,
+                     NS=T // C // 16, W=W, HAS_WINDOW=has_w, TK=window == "tk", LIN_CUR=not has_w, LIN_PREV=has_w and window == "sw",
                      FM_EPS=1e-12, DEN_EPS=0.0 if has_w else 1e-12, SCALE=128**-0.5, IEEE=False)
         types = ["bf16", "bf16", "bf16", "fp32", "fp32", "fp32", "fp32", "fp32", "bf16", "fp32", "fp32"]
         sig = {**dict(zip(fn.arg_names[:11], ["*" + t for t in types])), **{n: "constexpr" for n in const}}
@@ -147,11 +165,11 @@ def compile_all(out: str) -> bool:
             k = triton.compile(ASTSource(fn, sig, const), target=target, options=dict(num_warps=4, num_stages=1))
             fits = k.metadata.shared <= SHARED_LIMIT
             ok &= fits
-            print(f"{'ok  ' if fits else 'FAIL'} triton_hybrid_kernel {form}-{window} shared={k.metadata.shared} | "
-                  f"{_ptxas(triton, k.asm['ptx'])}")
+            print(f"{'ok  ' if fits else 'FAIL'} triton_hybrid_kernel {form}-{window}{_kv_tag(KH)} "
+                  f"shared={k.metadata.shared} | {_ptxas(triton, k.asm['ptx'])}")
         except Exception as err:  # noqa: BLE001
             ok = False
-            print(f"FAIL triton_hybrid_kernel {form}-{window}: {type(err).__name__}: {str(err)[:1500]}")
+            print(f"FAIL triton_hybrid_kernel {form}-{window}{_kv_tag(KH)}: {type(err).__name__}: {str(err)[:1500]}")
     return ok
 
 
@@ -169,7 +187,7 @@ def interpret_cases(out: str) -> bool:
         meta = json.loads(str(z["meta"]))
         t = {n: torch.from_numpy(np.asarray(z[n])) for n in ("q", "k", "v", "wq", "wk", "hs", "S0", "z0")}
         B, H, TP, T = t["q"].shape[0], meta["H"], meta["TP"], meta["T"]
-        y, c, den = torch.empty_like(t["v"]), torch.zeros(B, H, TP), torch.zeros(B, H, TP)
+        y, c, den = torch.empty(B, TP, H, meta["DV"]), torch.zeros(B, H, TP), torch.zeros(B, H, TP)
         tk.lolcats_fwd_kernel[(B * H, meta["DV"] // meta["BV"], meta["NS"])](
             *(t[n] for n in ("q", "k", "v", "wq", "wk", "hs", "S0", "z0")), y, c, den, **meta)
         errs = {}

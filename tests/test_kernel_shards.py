@@ -26,7 +26,7 @@ from lolcats_jax.train.step import build_steps, split_model
 from tests.train_fixtures import write_tiny_model
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
-B, T, H = 8, 64, 4  # tiny model: 4 query heads of dim 16
+B, T, H, K = 8, 64, 4, 2  # tiny model: 4 query heads over 2 kv heads, dim 16
 
 
 @pytest.fixture(scope="module")
@@ -77,18 +77,25 @@ def _kernel_activation_shapes(text: str) -> set[tuple[int, ...]]:
     return shapes
 
 
+# (mesh, the per-device kv heads): the kernels take the device's K/|tensor| raw kv heads beside its H/|tensor| query
+# heads — never K/V repeated to the query heads — except on tensor 4, which divides H = 4 but not K = 2: there k, v
+# are repeated to H before the split (kernel_shards' one fallback)
+MESHES = [(MeshShape(1, 8, 1), K), (MeshShape(1, 4, 2), K // 2), (MeshShape(1, 2, 4), H // 4)]
+
+
 @pytest.mark.parametrize("kind", ["distill", "lora"])
-@pytest.mark.parametrize("mesh_shape", [MeshShape(1, 8, 1), MeshShape(1, 2, 4)], ids=["fsdp8", "fsdp2_tensor4"])
-def test_triton_calls_take_per_device_operands(tiny_dir, compiled_pallas, kind, mesh_shape):
+@pytest.mark.parametrize("mesh_shape,kv_local", MESHES, ids=["fsdp8", "fsdp4_tensor2", "fsdp2_tensor4"])
+def test_triton_calls_take_per_device_operands(tiny_dir, compiled_pallas, kind, mesh_shape, kv_local):
     mesh = make_mesh(mesh_shape)
-    local = (B // (mesh_shape.data * mesh_shape.fsdp), T, H // mesh_shape.tensor, 16)
+    rows = B // (mesh_shape.data * mesh_shape.fsdp)
+    local = {(rows, T, H // mesh_shape.tensor, 16), (rows, T, kv_local, 16)}  # q, y, dy and k, v, dk, dv
     with compat.set_mesh(mesh):
         train, args = _steps(tiny_dir, mesh, kind)
         with compat.cuda_lowering_context():
             text = train.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     calls = text.count(TRITON_CALL)
     assert calls == 5, calls  # one scanned segment of linearized layers: 2 forward + 3 backward kernels
-    assert _kernel_activation_shapes(text) == {local}, (_kernel_activation_shapes(text), local)
+    assert _kernel_activation_shapes(text) == local, (_kernel_activation_shapes(text), local)
     assert "manual_computation" in text or "SPMDFullToShardShape" in text  # inside shard_map
 
 

@@ -1,7 +1,9 @@
 """LoLCATS attention as fused Pallas kernels (Triton lowering on NVIDIA GPUs; interpret mode elsewhere).
 
-Notation: B batch, T tokens, Tp = T padded to a multiple of the chunk C, H heads, D head dim, Dv value dim,
-F learned feature dim (see spec.py). Layout [B, T, H, D]; keys/values repeated to H heads, post-RoPE.
+Notation: B batch, T tokens, Tp = T padded to a multiple of the chunk C, H query heads, K key/value heads, D head
+dim, Dv value dim, F learned feature dim (see spec.py). Layout [B, T, ·, D], post-RoPE: q has H heads, k and v K
+heads dividing H (grouped-query attention: query head h reads kv head h // (H/K) inside the kernels, through the
+BlockSpec index maps; k and v are never repeated to H heads). Feature maps, θ and biases are per query head.
 
 Reads top-down: `PallasConfig` (tunables) → `make_layout` (static kernel layout, validated) → the `custom_vjp`
 op on padded arrays (forward kernel in pallas_hybrid_fwd.py, backward kernels in pallas_hybrid_bwd.py) → the
@@ -25,7 +27,7 @@ from kernels.lolcats.feature_maps import window_factors
 from kernels.lolcats.pallas_hybrid_bwd import backward_call
 from kernels.lolcats.pallas_hybrid_fwd import forward_call
 from kernels.lolcats.pallas_tiles import KernelLayout
-from kernels.lolcats.spec import LINEAR_DENOM_EPS, Backend, FeatureMapParams, LolcatsSpec
+from kernels.lolcats.spec import LINEAR_DENOM_EPS, Backend, FeatureMapParams, LolcatsSpec, kv_group
 
 MIN_TILE = 16  # Triton tensor-core dots need every tile dim ≥ 16
 
@@ -98,10 +100,12 @@ def make_layout(spec: LolcatsSpec, T: int, D: int, Dv: int, F: int, cfg: PallasC
 def unsupported_reason(spec: LolcatsSpec, q_shape, v_shape, feature_dim: int, config: PallasConfig = PallasConfig()
                        ) -> str | None:
     """None if these kernels run `spec` at these shapes (compiled, not interpreted), else why not — for a caller
-    such as Backend.AUTO resolution that prefers falling back to the chunked backend over an error."""
-    if spec.form == "softmax":
-        return None
+    such as Backend.AUTO resolution that prefers falling back to the chunked backend over an error. q_shape
+    (B, T, H, D), v_shape (B, T, K, Dv) with K dividing H."""
     try:
+        kv_group(q_shape[2], v_shape[2], f"v {tuple(v_shape)} (q {tuple(q_shape)})")
+        if spec.form == "softmax":
+            return None
         make_layout(spec, q_shape[1], q_shape[-1], v_shape[-1], feature_dim, config, interpret=False)
     except ValueError as err:
         return str(err)
@@ -113,7 +117,8 @@ def unsupported_reason(spec: LolcatsSpec, q_shape, v_shape, feature_dim: int, co
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
 def _lolcats_padded(q, k, v, wq, wk, hs_H4, lay: KernelLayout, interpret: bool):
-    """y (B, Tp, H, Dv) for padded q, k, v (B, Tp, H, ·); hs_H4 = per-head [γ, λ, b_q, b_k] (float32)."""
+    """y (B, Tp, H, Dv) for padded q (B, Tp, H, D), k, v (B, Tp, K, ·); hs_H4 = per-head [γ, λ, b_q, b_k]
+    (float32)."""
     return forward_call(q, k, v, wq, wk, hs_H4, lay, interpret)[0]
 
 
@@ -123,14 +128,20 @@ def _lolcats_padded_fwd(q, k, v, wq, wk, hs_H4, lay, interpret):
 
 
 def lolcats_padded_bwd(lay, interpret, res, dy):
-    """Backward of the padded op from its residuals (shared with the Triton forward of triton_hybrid.py)."""
+    """Backward of the padded op from its residuals (shared with the Triton forward of triton_hybrid.py).
+
+    Weight gradients dW[h] = Σ_{b,t} x_{b,t,h//(H/K)}ᵀ du_{b,t,h} with x = q (K = H) or k (K kv heads; the grouped
+    einsum reads each kv head once for its H/K query heads, no repeated k); bias gradients db[h] = Σ du[·, ·, h]."""
     q, k, v, wq, wk, hs_H4, y, c_BHT, den_BHT, S0, z0 = res
     dq, dk, dv, duq, duk, rw, rl = backward_call(q, k, v, wq, wk, hs_H4, y, c_BHT, den_BHT, S0, z0,
                                                  dy.astype(y.dtype), lay, interpret)
 
-    def weight_grad(x_BTHD, du_BTHF, w_HDF):
-        return jnp.einsum("bthd,bthf->hdf", x_BTHD, du_BTHF.astype(x_BTHD.dtype),
-                          preferred_element_type=jnp.float32).astype(w_HDF.dtype)
+    def weight_grad(x_BTKD, du_BTHF, w_HDF):
+        B, T, K, D = x_BTKD.shape
+        H, _, F = w_HDF.shape
+        du_BTKGF = du_BTHF.astype(x_BTKD.dtype).reshape(B, T, K, H // K, F)
+        dw_KGDF = jnp.einsum("btkd,btkgf->kgdf", x_BTKD, du_BTKGF, preferred_element_type=jnp.float32)
+        return dw_KGDF.reshape(H, D, F).astype(w_HDF.dtype)
 
     dhs_H4 = jnp.stack([rw.sum((0, 2)), rl.sum((0, 2)), duq.sum((0, 1, 3)), duk.sum((0, 1, 3))], axis=-1)
     return dq, dk, dv, weight_grad(q, duq, wq), weight_grad(k, duk, wk), dhs_H4.astype(hs_H4.dtype)
@@ -144,8 +155,8 @@ _lolcats_padded.defvjp(_lolcats_padded_fwd, lolcats_padded_bwd)
 
 def pallas_lolcats_attention(
     q: Float[Array, "B T H D"],
-    k: Float[Array, "B T H D"],
-    v: Float[Array, "B T H Dv"],
+    k: Float[Array, "B T K D"],
+    v: Float[Array, "B T K Dv"],
     fmap: FeatureMapParams,
     theta_H: Float[Array, "H"] | None,
     spec: LolcatsSpec,
@@ -153,21 +164,31 @@ def pallas_lolcats_attention(
 ) -> Float[Array, "B T H Dv"]:
     """LoLCATS attention of spec.form with the fused Pallas kernels; y in q's dtype (float32 accumulation).
 
+    k, v have K heads dividing H (grouped-query attention; query head h reads kv head h // (H/K)), never repeated.
     Dots take q's dtype as operand type (bf16 inputs → bf16 tensor-core dots, float32 accumulation and state).
     """
+    check_shapes(q, k, v)
     if spec.form == "softmax":
         return _softmax_teacher(q, k, v)
     B, T, H, D = q.shape
-    if k.shape != q.shape or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"q, k, v must be [B, T, H, D] with matching B, T, H: {q.shape=}, {k.shape=}, {v.shape=}")
     interpret = config.resolve_interpret()
     lay = make_layout(spec, T, D, v.shape[-1], fmap.wq.shape[-1], config, interpret)
     qp, kp, vp, hs_H4 = prepare_inputs(q, k, v, fmap, theta_H, spec, lay)
     return _lolcats_padded(qp, kp, vp, fmap.wq, fmap.wk, hs_H4, lay, interpret)[:, :T]
 
 
+def check_shapes(q, k, v) -> int:
+    """G = H/K for q (B, T, H, D), k (B, T, K, D), v (B, T, K, Dv); a ValueError naming the shapes otherwise."""
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4 or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3] \
+            or v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"q, k, v must be [B, T, H, D], [B, T, K, D], [B, T, K, Dv] with matching B, T (K key/value "
+                         f"heads in k and v): {q.shape=}, {k.shape=}, {v.shape=}")
+    return kv_group(q.shape[2], k.shape[2], f"k {k.shape} and v {v.shape} (q {q.shape})")
+
+
 def prepare_inputs(q, k, v, fmap: FeatureMapParams, theta_H, spec: LolcatsSpec, lay: KernelLayout):
-    """(q, k, v) zero-padded to Tp = N·C in q's dtype, and the per-head scalars hs_H4 = [γ, λ, b_q, b_k] (f32)."""
+    """(q, k, v) zero-padded to Tp = N·C in q's dtype (k, v keep their K heads), and the per-query-head scalars
+    hs_H4 = [γ, λ, b_q, b_k] (f32)."""
     H = q.shape[2]
     if spec.form == "hybrid":
         if theta_H is None or theta_H.shape != (H,):
@@ -186,7 +207,8 @@ def prepare_inputs(q, k, v, fmap: FeatureMapParams, theta_H, spec: LolcatsSpec, 
 
 
 def _softmax_teacher(q, k, v):
-    """The softmax form (causal, 1/√D), via XLA / cuDNN: no LoLCATS kernel is needed for it."""
+    """The softmax form (causal, 1/√D), via XLA / cuDNN: no LoLCATS kernel is needed for it (k, v with K heads:
+    dot_product_attention takes grouped-query inputs as they are)."""
     dtype = jnp.promote_types(q.dtype, jnp.float32) if jax.default_backend() != "gpu" else q.dtype
     y = jax.nn.dot_product_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype), is_causal=True)
     return y.astype(q.dtype)

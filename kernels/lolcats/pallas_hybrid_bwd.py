@@ -10,8 +10,12 @@ The far linear terms (key chunks ≤ n − lag) go through states, so every kern
     the arg-max part of dk split into a "same chunk" and a "previous chunk" array (each chunk written once);
   kernel 2 (`dkv`, reverse loop over key chunks): G = Σ f_q,i g_iᵀ, Z = Σ δ_i f_q,i over query chunks ≥ m + lag
     → dv_j += λ Gᵀ f_k,j, df_k,j += λ (G v_j − Z); it emits dk, dv, du_k.
-Both run one program per (batch, head, segment of G chunks): the dq kernel starts from the forward's segment
+Both run one program per (batch, query head, segment of G chunks): the dq kernel starts from the forward's segment
 states, the dk/dv kernel from G, Z summed over later segments (pallas_hybrid_state.query_states).
+Grouped-query attention (K kv heads, H/K query heads each): the program of query head h reads k, v of kv head
+h // (H/K) (index maps, no repeated copies); the dk/dv kernel's dk, dv are then the contributions of query head h
+alone, written as float32 partials (B, Tp, H, ·) and summed over each group of H/K query heads in XLA,
+dk_j = Σ_{h: h // (H/K) = kv head} dk_j^(h) (as FlashAttention-2 does for GQA with its expanded dk, dv).
 Weight/bias gradients (dW = Σ_t xᵀ du, db = Σ du) are formed outside from du (one large XLA matmul).
 Reference: jax.vjp of kernels.lolcats.reference.lolcats_attention_reference (tests/kernels/test_pallas.py).
 """
@@ -35,6 +39,7 @@ from kernels.lolcats.pallas_tiles import (
     features,
     features_bwd,
     key_set_tile,
+    kv_head,
     load_state,
     mm,
     mm_t,
@@ -50,7 +55,8 @@ from lolcats_jax import compat
 def _dq_kernel(q_ref, k_ref, v_ref, dy_ref, y_ref, wq_ref, wk_ref, hs_ref, den_ref, S0_ref, z0_ref,
                dq_ref, duq_ref, rw_ref, rl_ref, *dkmax_refs, lay: KernelLayout):
     """Refs: q/k/dq/dkmax (Tp, D), v/dy/y (Tp, Dv), wq/wk (D, F), hs (4,), den/rw/rl (Tp,), S0 (P·F, Dv),
-    z0 (P·F,), duq (Tp, F); dkmax_refs = (same-chunk, previous-chunk) arg-max parts of dk, window forms only.
+    z0 (P·F,), duq (Tp, F); dkmax_refs = (same-chunk, previous-chunk) arg-max parts of dk (of query head h's
+    scores), window forms only; k, v those of kv head h // (H/K).
     One program per (b, h, segment program_id(2)), a forward loop over the segment's query chunks."""
     C, N, dt = lay.chunk, lay.num_chunks, q_ref.dtype
     scale = softmax_scale(q_ref.shape[-1])
@@ -130,8 +136,9 @@ def _dq_kernel(q_ref, k_ref, v_ref, dy_ref, y_ref, wq_ref, wk_ref, hs_ref, den_r
 def _dkv_kernel(q_ref, k_ref, v_ref, dy_ref, y_ref, wq_ref, wk_ref, hs_ref, den_ref, G0_ref, Z0_ref, c_ref,
                 *refs, lay: KernelLayout):
     """Refs as in `_dq_kernel`; G0 (P·F, Dv), Z0 (P·F,) = state after the segment; c (Tp,) = forward window row
-    max; refs = (*dkmax_refs (window forms), dk (Tp, D), dv (Tp, Dv), duk (Tp, F)). One program per
-    (b, h, segment program_id(2)), a reverse loop over the segment's key chunks."""
+    max; refs = (*dkmax_refs (window forms), dk (Tp, D), dv (Tp, Dv), duk (Tp, F)): dk, dv are query head h's
+    contributions to the gradients of kv head h // (H/K). One program per (b, h, segment program_id(2)), a reverse
+    loop over the segment's key chunks."""
     *dkmax_refs, dk_ref, dv_ref, duk_ref = refs
     C, N, dt = lay.chunk, lay.num_chunks, q_ref.dtype
     scale = softmax_scale(q_ref.shape[-1])
@@ -201,15 +208,20 @@ def _dkv_kernel(q_ref, k_ref, v_ref, dy_ref, y_ref, wq_ref, wk_ref, hs_ref, den_
 
 
 def backward_call(q, k, v, wq, wk, hs_H4, y, c_BHT, den_BHT, S0, z0, dy, lay: KernelLayout, interpret: bool):
-    """(dq, dk, dv, duq (B,Tp,H,F) f32, duk, rw (B,H,Tp), rl (B,H,Tp)) for padded inputs; S0/z0 are the
-    forward's segment start states."""
+    """(dq, dk, dv, duq (B,Tp,H,F) f32, duk (B,Tp,H,F) f32, rw (B,H,Tp), rl (B,H,Tp)) for padded inputs (q, y, dy
+    with H heads, k, v with K heads dividing H; dk, dv in k's, v's shape and dtype); S0/z0 are the forward's segment
+    start states. duk is per query head (query head h's key feature map over kv head h // (H/K)'s keys)."""
     B, Tp, H, D = q.shape
-    Dv, F, NS = v.shape[-1], wq.shape[-1], lay.num_segments
+    K = k.shape[2]
+    Dv, F, NS, group = v.shape[-1], wq.shape[-1], lay.num_segments, H // K
     PF = lay.num_parts * F
     grid = (B, H, NS)
 
     def seq(width):
         return pl.BlockSpec((None, Tp, None, width), lambda b, h, s: (b, 0, h, 0))
+
+    def kv_seq(width):
+        return pl.BlockSpec((None, Tp, None, width), lambda b, h, s: (b, 0, kv_head(h, group), 0))
 
     w_spec = pl.BlockSpec((None, D, F), lambda b, h, s: (h, 0, 0))
     hs_spec = pl.BlockSpec((None, 4), lambda b, h, s: (h, 0))
@@ -219,7 +231,7 @@ def backward_call(q, k, v, wq, wk, hs_H4, y, c_BHT, den_BHT, S0, z0, dy, lay: Ke
     sds = jax.ShapeDtypeStruct
     rows = sds((B, H, Tp), jnp.float32)
     params = compat.triton_compiler_params(num_warps=lay.num_warps_bwd, num_stages=lay.num_stages)
-    in_specs = [seq(D), seq(D), seq(Dv), seq(Dv), seq(Dv), w_spec, w_spec, hs_spec, row_spec, S_spec, z_spec]
+    in_specs = [seq(D), kv_seq(D), kv_seq(Dv), seq(Dv), seq(Dv), w_spec, w_spec, hs_spec, row_spec, S_spec, z_spec]
     # arg-max part of dk (window forms only), in q's dtype (float32 for float32 inputs)
     dkmax = [sds(q.shape, q.dtype)] * 2 if lay.has_window else []
     dq, duq, rw, rl, *dkmax = pl.pallas_call(
@@ -233,14 +245,24 @@ def backward_call(q, k, v, wq, wk, hs_H4, y, c_BHT, den_BHT, S0, z0, dy, lay: Ke
         name=f"lolcats_{lay.form}_{lay.window}_bwd_dq",
     )(q, k, v, dy, y, wq, wk, hs_H4, den_BHT, S0, z0)
     G0, Z0 = query_states(q, dy, y, den_BHT, wq, hs_H4, lay, interpret)
+    # per-query-head dk, dv: in k's / v's dtype without groups, else float32 partials summed below
+    dk_dtype, dv_dtype = (k.dtype, v.dtype) if group == 1 else (jnp.float32, jnp.float32)
     dk, dv, duk = pl.pallas_call(
         functools.partial(_dkv_kernel, lay=lay),
         grid=grid,
         in_specs=in_specs + [row_spec] + [seq(D)] * len(dkmax),
         out_specs=[seq(D), seq(Dv), seq(F)],
-        out_shape=[sds(k.shape, k.dtype), sds(v.shape, v.dtype), sds((B, Tp, H, F), jnp.float32)],
+        out_shape=[sds((B, Tp, H, D), dk_dtype), sds((B, Tp, H, Dv), dv_dtype), sds((B, Tp, H, F), jnp.float32)],
         compiler_params=params,
         interpret=interpret,
         name=f"lolcats_{lay.form}_{lay.window}_bwd_dkv",
     )(q, k, v, dy, y, wq, wk, hs_H4, den_BHT, G0, Z0, c_BHT, *dkmax)
-    return dq, dk, dv, duq, duk, rw, rl
+    return dq, _sum_groups(dk, K).astype(k.dtype), _sum_groups(dv, K).astype(v.dtype), duq, duk, rw, rl
+
+
+def _sum_groups(x_BTHX, num_kv_heads: int):
+    """(B, T, H, X) → (B, T, K, X): Σ over the H/K consecutive query heads of each kv head (identity for K = H)."""
+    B, T, H, X = x_BTHX.shape
+    if num_kv_heads == H:
+        return x_BTHX
+    return x_BTHX.reshape(B, T, num_kv_heads, H // num_kv_heads, X).sum(3)

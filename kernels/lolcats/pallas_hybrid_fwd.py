@@ -1,8 +1,10 @@
 """Forward Pallas kernel of LoLCATS hybrid / linear attention (Triton lowering), one program per
 (batch, head, value tile, segment), a `fori_loop` over the segment's chunks inside the program.
 
-Notation: B batch, Tp padded tokens, H heads, D head dim, Dv value dim, V value tile (block_v), F feature dim,
-P feature parts, C chunk, N = Tp / C (see pallas_tiles.py). Per query i of chunk n (rows r, i = nC + r):
+Notation: B batch, Tp padded tokens, H query heads, K key/value heads, D head dim, Dv value dim, V value tile
+(block_v), F feature dim, P feature parts, C chunk, N = Tp / C (see pallas_tiles.py). The program of query head h
+reads k, v of kv head h // (H/K) (grouped-query attention; k, v are never repeated to H heads). Per query i of
+chunk n (rows r, i = nC + r):
   s_ij = q_i·k_j/√D over the key chunks n ("cur") and n−1 ("prev"), c_i = max over the window keys,
   P_ij = γ e^{s_ij−c_i}[j∈𝒲_i] + λ f_q,i·f_k,j [j∈𝓛_i],
   y_i = (Σ_{j∈chunks n−1,n} P_ij v_j + λ f_q,i S) / (Σ_j P_ij + λ f_q,i·z),
@@ -34,6 +36,7 @@ from kernels.lolcats.pallas_tiles import (
     KernelLayout,
     features,
     key_set_tile,
+    kv_head,
     load_state,
     mm,
     mm_t,
@@ -47,8 +50,9 @@ from lolcats_jax import compat
 
 def _forward_kernel(q_ref, k_ref, v_ref, wq_ref, wk_ref, hs_ref, S0_ref, z0_ref, y_ref, c_ref, den_ref, *,
                     lay: KernelLayout):
-    """Refs: q/k (Tp, D), v/y (Tp, V), wq/wk (D, F), hs (4,), S0 (P·F, V), z0 (P·F,), c/den (Tp,);
-    program (b, h, value tile, segment program_id(3)) loops over the segment's chunks from the state S0, z0."""
+    """Refs: q/k (Tp, D), v/y (Tp, V), wq/wk (D, F), hs (4,), S0 (P·F, V), z0 (P·F,), c/den (Tp,) (k, v those of kv
+    head h // (H/K)); program (b, h, value tile, segment program_id(3)) loops over the segment's chunks from the
+    state S0, z0."""
     C, dt = lay.chunk, q_ref.dtype
     scale = softmax_scale(q_ref.shape[-1])
     gamma, lam = hs_ref[GAMMA], hs_ref[LAMBDA]
@@ -106,17 +110,20 @@ def _forward_kernel(q_ref, k_ref, v_ref, wq_ref, wk_ref, hs_ref, S0_ref, z0_ref,
     jax.lax.fori_loop(n0, n1, body, load_state(S0_ref, z0_ref, lay, wq_ref.shape[-1]))
 
 
-def forward_call(q_BTHD, k_BTHD, v_BTHD, wq_HDF, wk_HDF, hs_H4, lay: KernelLayout, interpret: bool):
+def forward_call(q_BTHD, k_BTKD, v_BTKD, wq_HDF, wk_HDF, hs_H4, lay: KernelLayout, interpret: bool):
     """(y (B,Tp,H,Dv) in q's dtype, c (B,H,Tp) f32, den (B,H,Tp) f32, S0 (B,H,NS,P·F,Dv), z0 (B,H,NS,P·F)) for
-    padded inputs (Tp = N·C); S0/z0 are the segment start states (residuals for the dq kernel)."""
+    padded inputs (Tp = N·C; k, v with K heads dividing H); S0/z0 are the segment start states (residuals for the dq
+    kernel)."""
     B, Tp, H, D = q_BTHD.shape
-    Dv, F, V, NS = v_BTHD.shape[-1], wq_HDF.shape[-1], lay.block_v, lay.num_segments
-    PF = lay.num_parts * F
+    Dv, F, V, NS = v_BTKD.shape[-1], wq_HDF.shape[-1], lay.block_v, lay.num_segments
+    PF, group = lay.num_parts * F, H // k_BTKD.shape[2]
     if Dv % V:
         raise ValueError(f"value dim {Dv=} must be a multiple of block_v={V}")
-    S0, z0 = key_states(k_BTHD, v_BTHD, wk_HDF, hs_H4, lay, interpret)
-    qk_spec = pl.BlockSpec((None, Tp, None, D), lambda b, h, j, s: (b, 0, h, 0))
-    v_spec = pl.BlockSpec((None, Tp, None, V), lambda b, h, j, s: (b, 0, h, j))
+    S0, z0 = key_states(k_BTKD, v_BTKD, wk_HDF, hs_H4, lay, interpret)
+    q_spec = pl.BlockSpec((None, Tp, None, D), lambda b, h, j, s: (b, 0, h, 0))
+    k_spec = pl.BlockSpec((None, Tp, None, D), lambda b, h, j, s: (b, 0, kv_head(h, group), 0))
+    v_spec = pl.BlockSpec((None, Tp, None, V), lambda b, h, j, s: (b, 0, kv_head(h, group), j))
+    y_spec = pl.BlockSpec((None, Tp, None, V), lambda b, h, j, s: (b, 0, h, j))
     w_spec = pl.BlockSpec((None, D, F), lambda b, h, j, s: (h, 0, 0))
     hs_spec = pl.BlockSpec((None, 4), lambda b, h, j, s: (h, 0))
     S_spec = pl.BlockSpec((None, None, None, PF, V), lambda b, h, j, s: (b, h, s, 0, j))
@@ -126,11 +133,11 @@ def forward_call(q_BTHD, k_BTHD, v_BTHD, wq_HDF, wk_HDF, hs_H4, lay: KernelLayou
     y, c, den = pl.pallas_call(
         functools.partial(_forward_kernel, lay=lay),
         grid=(B, H, Dv // V, NS),
-        in_specs=[qk_spec, qk_spec, v_spec, w_spec, w_spec, hs_spec, S_spec, z_spec],
-        out_specs=[v_spec, row_spec, row_spec],
-        out_shape=[jax.ShapeDtypeStruct(v_BTHD.shape, q_BTHD.dtype), row_shape, row_shape],
+        in_specs=[q_spec, k_spec, v_spec, w_spec, w_spec, hs_spec, S_spec, z_spec],
+        out_specs=[y_spec, row_spec, row_spec],
+        out_shape=[jax.ShapeDtypeStruct((B, Tp, H, Dv), q_BTHD.dtype), row_shape, row_shape],
         compiler_params=compat.triton_compiler_params(num_warps=lay.num_warps_fwd, num_stages=lay.num_stages),
         interpret=interpret,
         name=f"lolcats_{lay.form}_{lay.window}_fwd",
-    )(q_BTHD, k_BTHD, v_BTHD, wq_HDF, wk_HDF, hs_H4, S0, z0)
+    )(q_BTHD, k_BTKD, v_BTKD, wq_HDF, wk_HDF, hs_H4, S0, z0)
     return y, c, den, S0, z0

@@ -1,8 +1,9 @@
 """Segment states of the LoLCATS Pallas kernels: the sequence of N chunks is split into NS segments of G chunks so
 that the main kernels run one program per (batch, head, segment) in parallel instead of one long loop per head.
 
-Notation as in pallas_tiles.py (B, H, Tp, D, Dv, V, F, P, C, G, NS; lag = 2 for hybrid, 1 for linear, shift =
-lag − 1). A program of segment s needs the linear state of everything its first chunk sees only through the state:
+Notation as in pallas_tiles.py (B, H, K, Tp, D, Dv, V, F, P, C, G, NS; lag = 2 for hybrid, 1 for linear, shift =
+lag − 1). The states are per query head h (its own key feature map, applied to the keys of kv head h // (H/K)).
+A program of segment s needs the linear state of everything its first chunk sees only through the state:
   forward / dq kernels:  S_s = Σ_{key chunks < sG − shift} f_kᵀ v   (P·F × Dv),  z_s = Σ f_k            (P·F)
   dk/dv kernel:          G_s = Σ_{query chunks ≥ (s+1)G + shift} f_qᵀ g (P·F × Dv), Z_s = Σ δ f_q         (P·F)
 Two small kernels sum each segment's own contribution (keys of chunks [sG − shift, (s+1)G − shift), queries of
@@ -18,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels.lolcats.pallas_tiles import BIAS_K, BIAS_Q, KernelLayout, features, mm_tn, query_side, store_state
+from kernels.lolcats.pallas_tiles import BIAS_K, BIAS_Q, KernelLayout, features, kv_head, mm_tn, query_side, store_state
 from lolcats_jax import compat
 
 
@@ -73,16 +74,18 @@ def exclusive_cumsum(x, axis: int, reverse: bool = False):
     return jnp.flip(c, axis) if reverse else c
 
 
-def key_states(k, v, wk, hs_H4, lay: KernelLayout, interpret: bool):
-    """(S (B, H, NS, P·F, Dv), z (B, H, NS, P·F)) float32: the forward state at the start of every segment."""
-    B, Tp, H, D = k.shape
-    Dv, F, V, NS = v.shape[-1], wk.shape[-1], lay.block_v, lay.num_segments
+def key_states(k_BTKD, v_BTKD, wk_HDF, hs_H4, lay: KernelLayout, interpret: bool):
+    """(S (B, H, NS, P·F, Dv), z (B, H, NS, P·F)) float32: the forward state at the start of every segment, per
+    query head h (features of wk[h] over the keys of kv head h // (H/K); k, v have K heads)."""
+    B, Tp, K, D = k_BTKD.shape
+    H, _, F = wk_HDF.shape
+    Dv, V, NS, group = v_BTKD.shape[-1], lay.block_v, lay.num_segments, H // K
     PF = lay.num_parts * F
     dS, dz = pl.pallas_call(
         functools.partial(_key_sum_kernel, lay=lay),
         grid=(B, H, Dv // V, NS),
-        in_specs=[pl.BlockSpec((None, Tp, None, D), lambda b, h, j, s: (b, 0, h, 0)),
-                  pl.BlockSpec((None, Tp, None, V), lambda b, h, j, s: (b, 0, h, j)),
+        in_specs=[pl.BlockSpec((None, Tp, None, D), lambda b, h, j, s: (b, 0, kv_head(h, group), 0)),
+                  pl.BlockSpec((None, Tp, None, V), lambda b, h, j, s: (b, 0, kv_head(h, group), j)),
                   pl.BlockSpec((None, D, F), lambda b, h, j, s: (h, 0, 0)),
                   pl.BlockSpec((None, 4), lambda b, h, j, s: (h, 0))],
         out_specs=[pl.BlockSpec((None, None, None, PF, V), lambda b, h, j, s: (b, h, s, 0, j)),
@@ -92,7 +95,7 @@ def key_states(k, v, wk, hs_H4, lay: KernelLayout, interpret: bool):
         compiler_params=compat.triton_compiler_params(num_warps=lay.num_warps_fwd, num_stages=lay.num_stages),
         interpret=interpret,
         name=f"lolcats_{lay.form}_key_states",
-    )(k, v, wk, hs_H4)
+    )(k_BTKD, v_BTKD, wk_HDF, hs_H4)
     return exclusive_cumsum(dS, axis=2), exclusive_cumsum(dz, axis=2)
 
 

@@ -3,7 +3,9 @@ fused Hedgehog feature map (forward and backward), all acting on one chunk of on
 
 Notation (as in spec.py): C = chunk length (rows of a tile), D = head dim, V = value-tile width (≤ D),
 F = learned feature dim, P = feature parts (2 for fullspace softmax_dim/exp_dim: [act(u); act(−u)], else 1),
-F' = P·F, N = chunks, Tp = N·C padded length, T = true length, G = chunks per segment, NS = segments.
+F' = P·F, N = chunks, Tp = N·C padded length, T = true length, G = chunks per segment, NS = segments;
+H query heads, K key/value heads (grouped-query attention: every kernel runs one program per query head h, which
+reads kv head h // (H/K) through its BlockSpec index map, `kv_head`).
 Tiles are named `x_CD`, `u_CF`, `s_CC` …; absolute query/key positions are i/j. Everything here is traced inside
 a `pallas_call` body, so only ops that the Triton lowering supports are used (2-D dots, iota, where, exp, max/sum
 reductions; no concatenate).
@@ -94,6 +96,12 @@ class KernelLayout:
     def blocks(self) -> tuple[str, ...]:
         """Key chunks a query chunk sees directly (besides the state): ("cur", "prev") for hybrid, ("cur",)."""
         return ("cur", "prev") if self.has_window else ("cur",)
+
+
+def kv_head(h, group: int):
+    """The kv head h // group read by query head h (group = H/K query heads per kv head), for BlockSpec index maps
+    (integer division of the non-negative program id; the identity, with no division op, for group 1)."""
+    return h if group == 1 else lax.div(h, group)
 
 
 # --------------------------------------------------------------------------------------------- dots

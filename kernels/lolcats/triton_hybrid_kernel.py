@@ -1,12 +1,15 @@
 """Hand-written Triton kernel (triton.language) for the LoLCATS hybrid / linear forward with the Hedgehog
 softmax_dim feature map fused. Imported only by triton_hybrid.py, lazily, on a machine that has `triton`.
 
-Notation as in pallas_tiles.py: B batch, TP padded tokens, H heads, D head dim, DV value dim, BV value tile, F feature
-dim, P parts (2 = fullspace [softmax(u); softmax(−u)]), C chunk, N chunks, G chunks per segment, NS segments.
+Notation as in pallas_tiles.py: B batch, TP padded tokens, H query heads, KH key/value heads (KH divides H: query head
+h reads kv head h // (H/KH), grouped-query attention without repeated k, v), D head dim, DV value dim, BV value tile,
+F feature dim, P parts (2 = fullspace [softmax(u); softmax(−u)]), C chunk, N chunks, G chunks per segment,
+NS segments.
 Same math, layout and residuals as the Pallas forward (pallas_hybrid_fwd.py): one program per
 (batch·head, value tile, segment); the segment's start state (S0 (P·F, DV), z0 (P·F)) comes from the Pallas key-state
 kernel; per chunk n the window tiles (key chunks n, n − 1) are exact, older keys go through the float32 state.
-Outputs: y (B, TP, H, DV), c and den (B, H, TP) float32. Reference: kernels.lolcats.reference.
+Inputs q (B, TP, H, D), k (B, TP, KH, D), v (B, TP, KH, DV), wq/wk (H, D, F), hs (H, 4); outputs y (B, TP, H, DV),
+c and den (B, H, TP) float32. Reference: kernels.lolcats.reference.
 """
 
 from __future__ import annotations
@@ -59,10 +62,10 @@ def _key_sets(i0, j0, C: tl.constexpr, W: tl.constexpr, HAS_WINDOW: tl.constexpr
 def lolcats_fwd_kernel(
     q_ptr, k_ptr, v_ptr, wq_ptr, wk_ptr, hs_ptr, s0_ptr, z0_ptr,  # inputs
     y_ptr, c_ptr, den_ptr,  # outputs
-    T: tl.constexpr, TP: tl.constexpr, H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
-    P: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, N: tl.constexpr, G: tl.constexpr, NS: tl.constexpr,
-    W: tl.constexpr, HAS_WINDOW: tl.constexpr, TK: tl.constexpr, LIN_CUR: tl.constexpr, LIN_PREV: tl.constexpr,
-    FM_EPS: tl.constexpr, DEN_EPS: tl.constexpr, SCALE: tl.constexpr, IEEE: tl.constexpr,
+    T: tl.constexpr, TP: tl.constexpr, H: tl.constexpr, KH: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    F: tl.constexpr, P: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, N: tl.constexpr, G: tl.constexpr,
+    NS: tl.constexpr, W: tl.constexpr, HAS_WINDOW: tl.constexpr, TK: tl.constexpr, LIN_CUR: tl.constexpr,
+    LIN_PREV: tl.constexpr, FM_EPS: tl.constexpr, DEN_EPS: tl.constexpr, SCALE: tl.constexpr, IEEE: tl.constexpr,
 ):
     bh = tl.program_id(0)
     jv = tl.program_id(1)
@@ -74,8 +77,11 @@ def lolcats_fwd_kernel(
     dd = tl.arange(0, D)
     ff = tl.arange(0, F)
     vv = jv * BV + tl.arange(0, BV)
-    qk_base = (b * TP * H + h) * D  # element (t, d) at qk_base + t·H·D + d
-    v_base = (b * TP * H + h) * DV
+    hk = h // (H // KH)  # the kv head of query head h
+    q_base = (b * TP * H + h) * D  # element (t, d) at q_base + t·H·D + d
+    k_base = (b * TP * KH + hk) * D  # element (t, d) at k_base + t·KH·D + d
+    v_base = (b * TP * KH + hk) * DV  # element (t, e) at v_base + t·KH·DV + e
+    y_base = (b * TP * H + h) * DV
     w_offs = h * D * F + dd[:, None] * F + ff[None, :]
     gamma = tl.load(hs_ptr + h * 4 + 0)
     lam = tl.load(hs_ptr + h * 4 + 1)
@@ -97,13 +103,13 @@ def lolcats_fwd_kernel(
         i0 = n * C
         wq = tl.load(wq_ptr + w_offs).to(DT)
         wk = tl.load(wk_ptr + w_offs).to(DT)
-        q = tl.load(q_ptr + qk_base + (i0 + r)[:, None] * (H * D) + dd[None, :])
+        q = tl.load(q_ptr + q_base + (i0 + r)[:, None] * (H * D) + dd[None, :])
         fqa = _features(q, wq, bq, False, FM_EPS, IEEE)
         fqb = fqa
         if P == 2:
             fqb = _features(q, wq, bq, True, FM_EPS, IEEE)
-        k = tl.load(k_ptr + qk_base + (i0 + r)[:, None] * (H * D) + dd[None, :])
-        v = tl.load(v_ptr + v_base + (i0 + r)[:, None] * (H * DV) + vv[None, :])
+        k = tl.load(k_ptr + k_base + (i0 + r)[:, None] * (KH * D) + dd[None, :])
+        v = tl.load(v_ptr + v_base + (i0 + r)[:, None] * (KH * DV) + vv[None, :])
         win, lin = _key_sets(i0, i0, C, W, HAS_WINDOW, TK)
         p_cur = tl.zeros((C, C), tl.float32)
         c_row = tl.zeros((C,), tl.float32)
@@ -117,8 +123,8 @@ def lolcats_fwd_kernel(
             p_cur += tl.where(lin, lam * dots, 0.0)
         if HAS_WINDOW:
             kn = tl.maximum(n - 1, 0)  # chunk −1 is loaded as chunk 0 and fully masked
-            kp = tl.load(k_ptr + qk_base + (kn * C + r)[:, None] * (H * D) + dd[None, :])
-            vp = tl.load(v_ptr + v_base + (kn * C + r)[:, None] * (H * DV) + vv[None, :])
+            kp = tl.load(k_ptr + k_base + (kn * C + r)[:, None] * (KH * D) + dd[None, :])
+            vp = tl.load(v_ptr + v_base + (kn * C + r)[:, None] * (KH * DV) + vv[None, :])
             winp, linp = _key_sets(i0, i0 - C, C, W, HAS_WINDOW, TK)
             s_cur = _mm(q, tl.trans(k), IEEE) * SCALE
             s_prev = _mm(q, tl.trans(kp), IEEE) * SCALE
@@ -148,7 +154,7 @@ def lolcats_fwd_kernel(
             num += lam * _mm(fqb.to(DT), Sb.to(DT), IEEE)
             den += lam * tl.sum(fqb * zb[None, :], axis=1)
         den = tl.where(i0 + r < T, den + DEN_EPS, 1.0)  # padding rows stay finite
-        tl.store(y_ptr + v_base + (i0 + r)[:, None] * (H * DV) + vv[None, :],
+        tl.store(y_ptr + y_base + (i0 + r)[:, None] * (H * DV) + vv[None, :],
                  (num / den[:, None]).to(y_ptr.dtype.element_ty))
         if jv == 0:
             tl.store(c_ptr + bh * TP + i0 + r, c_row)

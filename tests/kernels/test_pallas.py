@@ -1,14 +1,16 @@
 """Pallas kernels (kernels/lolcats/pallas_hybrid*.py): interpret-mode runs against the quadratic reference
-(outputs and every gradient with a random cotangent), mask tiles against spec.key_sets, config errors, and the
-CUDA lowering check (Triton custom call, forward and backward, realistic sizes, no GPU needed).
+(outputs and every gradient with a random cotangent), also with grouped-query inputs (k, v with K < H heads; the
+reference repeats them, the kernels do not), mask tiles against spec.key_sets, config errors, and the CUDA lowering
+check (Triton custom calls, forward and backward, realistic sizes, k / v operands with K heads, no GPU needed).
 
 Interpret mode costs ~10-20 s per case on 2 idle CPU cores (compiling five kernels, forward and backward), so shapes
-stay small (B ≤ 2, H = 2, T ≤ 100); the whole file takes ~4 minutes.
+stay small (B ≤ 2, H ≤ 8, T ≤ 100).
 """
 
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -43,9 +45,23 @@ CASES = [  # (spec kwargs, chunk C or None, chunks per segment G, B, T, D, F)
 ]
 
 
+# grouped-query cases (spec kwargs, chunk C or None, chunks per segment, H query heads, K kv heads, T); B=1, D=16, F=8
+GQA_CASES = [
+    (dict(window="tk", window_size=16), 16, 2, 8, 2, 70),  # H/K = 4, C = W, 3 segments
+    (dict(window="sw", window_size=8, feature_map="relu"), 32, 1, 6, 2, 70),  # H/K = 3, C = 4W, per-head biases
+    (dict(form="linear"), 16, 3, 8, 1, 50),  # H/K = 8: one kv head for all query heads
+    (dict(window="tk", window_size=16), None, 16, 2, 2, 70),  # H/K = 1, C = 4W
+]
+
+
 def _ids(case):
     kw, chunk, seg, B, T, D, F = case
     return "-".join(str(v) for v in kw.values()) + f"-C{chunk}-G{seg}-B{B}T{T}D{D}F{F}"
+
+
+def _gqa_ids(case):
+    kw, chunk, seg, H, K, T = case
+    return "-".join(str(v) for v in kw.values()) + f"-C{chunk}-G{seg}-H{H}K{K}T{T}"
 
 
 def _output_and_grads(fn, inputs, spec, ct_dtype):
@@ -60,18 +76,21 @@ def _output_and_grads(fn, inputs, spec, ct_dtype):
     return run(inputs)
 
 
-def _check(case, dtype, seed=0):
-    """Kernel in `dtype` (interpret mode) against the reference evaluated in float64 on the same inputs."""
+def _check(case, dtype, seed=0, heads=(2, 2)):
+    """Kernel in `dtype` (interpret mode) against the reference evaluated in float64 on the same inputs; heads =
+    (H query heads, K kv heads): k, v have K heads, their gradients too (the reference repeats k, v to H heads)."""
     kw, chunk, seg, B, T, D, F = case
+    H, K = heads
     spec = LolcatsSpec(**kw)
     bias = spec.feature_map in ("relu", "pos_elu")
-    inputs = make_inputs(seed, B, T, 2, D, F, dtype, bias=bias)
+    inputs = make_inputs(seed, B, T, H, D, F, dtype, bias=bias, K=K)
     config = PallasConfig(chunk=chunk, seg_chunks=seg, interpret=True)
     kernel = functools.partial(pallas_lolcats_attention, config=config)
     y, grads = _output_and_grads(kernel, inputs, spec, dtype)
     with compat.enable_x64():
         y_ref, grads_ref = _output_and_grads(lolcats_attention_reference, cast_tree(inputs, jnp.float64), spec, dtype)
-    assert y.shape == (B, T, 2, D) and y.dtype == dtype
+    assert y.shape == (B, T, H, D) and y.dtype == dtype
+    assert [g.shape for g in grads[:3]] == [x.shape for x in inputs[:3]]  # no silent broadcast against K heads
     assert all(np.isfinite(np.asarray(g, np.float32)).all() for g in jax.tree.leaves(grads))
     errs = grad_errors(grads, grads_ref)
     tol_y, tol_g, tol_theta = TOL[dtype]
@@ -92,6 +111,18 @@ def test_pallas_interpret_matches_reference_float32(case):
 @pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[6]], ids=_ids)
 def test_pallas_interpret_matches_reference_bfloat16(case):
     _check(case, jnp.bfloat16)
+
+
+@pytest.mark.parametrize("case", GQA_CASES, ids=_gqa_ids)
+def test_pallas_gqa_matches_reference_float32(case):
+    """Grouped-query attention: query head h reads kv head h // (H/K); dk, dv sum the group's query heads."""
+    kw, chunk, seg, H, K, T = case
+    _check((kw, chunk, seg, 1, T, 16, 8), jnp.float32, heads=(H, K))
+
+
+def test_pallas_gqa_matches_reference_bfloat16():
+    kw, chunk, seg, H, K, T = GQA_CASES[0]
+    _check((kw, chunk, seg, 1, T, 16, 8), jnp.bfloat16, heads=(H, K))
 
 
 def test_value_dim_differs_from_head_dim():
@@ -178,17 +209,42 @@ def test_layout_errors_name_values():
     assert (lay.chunk, lay.num_chunks, lay.block_v, lay.num_segments) == (64, 2, 64, 1)
 
 
+def test_grouped_query_shapes_checked():
+    """k, v may have K heads dividing H (reported by unsupported_reason, raised by the kernels naming the shapes)."""
+    assert unsupported_reason(LolcatsSpec(), (1, 100, 32, 128), (1, 100, 8, 128), 64) is None
+    assert "K=3" in unsupported_reason(LolcatsSpec(), (1, 100, 32, 128), (1, 100, 3, 128), 64)
+    q, k, v, fmap, theta = make_inputs(0, 1, 20, 4, 16, 8, K=2)
+    with pytest.raises(ValueError, match=r"\(1, 20, 3, 16\).*K=3"):
+        pallas_lolcats_attention(q, k[:, :, :1].repeat(3, axis=2), v[:, :, :1].repeat(3, axis=2), fmap, theta,
+                                 LolcatsSpec())
+    with pytest.raises(ValueError, match=r"k.shape=\(1, 20, 2, 16\), v.shape=\(1, 20, 1, 16\)"):
+        pallas_lolcats_attention(q, k, v[:, :, :1], fmap, theta, LolcatsSpec())
+
+
 # --------------------------------------------------------------------------------------------- CUDA lowering
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
 
 
+def _triton_call_operands(text: str) -> dict[str, list[str]]:
+    """{kernel name: operand tensor types} of the Triton custom calls in StableHLO text."""
+    calls = {}
+    for line in text.splitlines():
+        if TRITON_CALL in line:
+            name = re.search(r'name = "([^"]+)"', line).group(1)
+            calls[name] = re.findall(r"tensor<[^>]*>", line[line.rindex(": (") : line.rindex(") -> ")])
+    return calls
+
+
+@pytest.mark.parametrize("K", [32, 8], ids=lambda K: f"K{K}")
 @pytest.mark.parametrize("kw", [dict(window="tk"), dict(window="sw"), dict(form="linear")], ids=str)
-def test_kernels_lower_for_cuda_at_llama_sizes(kw):
-    """Forward and backward lower to Triton custom calls for B=1, H=32, T=8192, D=128, F=64, W=64 (no GPU)."""
+def test_kernels_lower_for_cuda_at_llama_sizes(kw, K):
+    """Forward and backward lower to Triton custom calls for B=1, H=32, T=8192, D=128, F=64, W=64 (no GPU), with
+    K = H or K = 8 kv heads (Llama-3.1-8B): every kernel that reads k, v gets them with K heads (never repeated)."""
     B, T, H, D, F = 1, 8192, 32, 128, 64
     spec = LolcatsSpec(window_size=64, **kw)
     x = jax.ShapeDtypeStruct((B, T, H, D), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((B, T, K, D), jnp.bfloat16)
     w = jax.ShapeDtypeStruct((H, D, F), jnp.float32)
     fmap = FeatureMapParams(w, w, None, None)
     theta = jax.ShapeDtypeStruct((H,), jnp.float32)
@@ -200,11 +256,19 @@ def test_kernels_lower_for_cuda_at_llama_sizes(kw):
     def loss(q, k, v, fmap, theta):
         return jnp.sum(forward(q, k, v, fmap, theta).astype(jnp.float32) ** 2)
 
-    fwd_text = compat.lower_for_cuda(forward, x, x, x, fmap, theta)
+    fwd_text = compat.lower_for_cuda(forward, x, kv, kv, fmap, theta)
     assert fwd_text.count(TRITON_CALL) == 2
-    bwd_text = compat.lower_for_cuda(jax.grad(loss, argnums=(0, 1, 2, 3, 4)), x, x, x, fmap, theta)
+    bwd_text = compat.lower_for_cuda(jax.grad(loss, argnums=(0, 1, 2, 3, 4)), x, kv, kv, fmap, theta)
     # forward: segment key states + main kernel; backward adds the dq, segment query states and dk/dv kernels
     assert bwd_text.count(TRITON_CALL) == 5
+    calls = _triton_call_operands(bwd_text)
+    kv_type, window = f"tensor<{B}x{T}x{K}x{D}xbf16>", spec.window
+    kv_at = {f"lolcats_{spec.form}_key_states": 0, f"lolcats_{spec.form}_{window}_fwd": 1,
+             f"lolcats_{spec.form}_{window}_bwd_dq": 1, f"lolcats_{spec.form}_{window}_bwd_dkv": 1}
+    assert set(kv_at) < set(calls), calls.keys()
+    for name, at in kv_at.items():
+        assert calls[name][at : at + 2] == [kv_type, kv_type], (name, calls[name])
+    assert calls[f"lolcats_{spec.form}_{window}_fwd"][0] == f"tensor<{B}x{T}x{H}x{D}xbf16>"  # q: H heads
 
 
 def test_auto_falls_back_to_chunked_for_shapes_pallas_cannot_take(monkeypatch, caplog):
