@@ -40,16 +40,18 @@ from lolcats_jax.bench import attention as bench  # noqa: E402
 SMOKE = False  # --cpu-smoke: tiny shapes, Pallas in interpret mode; exercises this script on a CPU machine
 TOL = {"float32": (1e-4, 1e-4, 1e-3), "bfloat16": (2e-2, 3e-2, 5e-2)}  # (output, gradients, θ)
 
-CASES = [  # (name, spec kwargs, B, T, H, D, F, dtype, PallasConfig kwargs), most important first
-    ("tk bf16 T=1000", dict(window="tk"), 2, 1000, 4, 128, 64, "bfloat16", {}),
-    ("tk f32 T=1000 4 segments", dict(window="tk"), 2, 1000, 4, 128, 64, "float32", dict(seg_chunks=4)),
-    ("sw f32 T=1000 4 segments", dict(window="sw"), 2, 1000, 4, 128, 64, "float32", dict(seg_chunks=4)),
-    ("linear bf16 T=1000 4 segments", dict(form="linear"), 2, 1000, 4, 128, 64, "bfloat16", dict(seg_chunks=4)),
-    ("tk bf16 T=4096 long", dict(window="tk"), 1, 4096, 4, 128, 64, "bfloat16", {}),
-    ("tk f32 T=37 < W", dict(window="tk"), 1, 37, 4, 128, 64, "float32", {}),
-    ("tk W=16 C=64 relu+bias f32 T=300", dict(window="tk", window_size=16, feature_map="relu"), 1, 300, 2, 64, 32,
+CASES = [  # (name, spec kwargs, B, T, H, K, D, F, dtype, PallasConfig kwargs), most important first; K kv heads
+    ("tk bf16 T=1000", dict(window="tk"), 2, 1000, 4, 4, 128, 64, "bfloat16", {}),
+    ("tk bf16 T=1000 GQA H=8 K=2", dict(window="tk"), 1, 1000, 8, 2, 128, 64, "bfloat16", {}),
+    ("tk f32 T=1000 4 segments", dict(window="tk"), 2, 1000, 4, 4, 128, 64, "float32", dict(seg_chunks=4)),
+    ("sw f32 T=1000 4 segments GQA H=4 K=1", dict(window="sw"), 2, 1000, 4, 1, 128, 64, "float32",
+     dict(seg_chunks=4)),
+    ("linear bf16 T=1000 4 segments", dict(form="linear"), 2, 1000, 4, 4, 128, 64, "bfloat16", dict(seg_chunks=4)),
+    ("tk bf16 T=4096 long", dict(window="tk"), 1, 4096, 4, 4, 128, 64, "bfloat16", {}),
+    ("tk f32 T=37 < W", dict(window="tk"), 1, 37, 4, 4, 128, 64, "float32", {}),
+    ("tk W=16 C=64 relu+bias f32 T=300", dict(window="tk", window_size=16, feature_map="relu"), 1, 300, 2, 2, 64, 32,
      "float32", dict(seg_chunks=2)),
-    ("sw exp_dim affine f32 T=300", dict(window="sw", feature_map="exp_dim", affine=True), 1, 300, 2, 64, 32,
+    ("sw exp_dim affine f32 T=300", dict(window="sw", feature_map="exp_dim", affine=True), 1, 300, 2, 2, 64, 32,
      "float32", dict(seg_chunks=2)),
 ]
 
@@ -95,17 +97,17 @@ def correctness(out_dir: str, max_seconds: float) -> bool:
         results.append({"case": "all", "backend": "triton", "pass": False, "not_run": True, "seconds": 0.0,
                         "error": f"not run (unavailable): {triton_missing}"})
         ok = False
-    for name, kw, B, T, H, D, F, dtype, cfg in CASES:
+    for name, kw, B, T, H, K, D, F, dtype, cfg in CASES:
         if time.monotonic() > deadline:  # counts as not passed: the check is incomplete
             results.append({"case": name, "backend": "all", "pass": False, "not_run": True, "seconds": 0.0,
                             "error": f"not run: the correctness stage's {max_seconds:.0f} s limit was reached"})
             ok = False
             continue
         if SMOKE:
-            T, H, D, F, kw = min(T, 80), 2, 16, 8, {"window_size": 16, **kw}
+            T, H, K, D, F, kw = min(T, 80), 2, 1 if K < H else 2, 16, 8, {"window_size": 16, **kw}
         spec = LolcatsSpec(**{"window_size": 64, **kw})
         bias = spec.feature_map in ("relu", "pos_elu")
-        inputs = make_inputs(0, B, T, H, D, F, jnp.dtype(dtype), bias=bias)
+        inputs = make_inputs(0, B, T, H, D, F, jnp.dtype(dtype), bias=bias, K=K)
         with jax.default_matmul_precision("highest"):
             truth = _output_and_grads(lambda *a: lolcats_attention(*a, spec, backend=Backend.REFERENCE),
                                       cast_tree(inputs, jnp.float32), jnp.dtype(dtype))

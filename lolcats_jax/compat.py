@@ -55,15 +55,39 @@ def triton_compiler_params(num_warps: int = 4, num_stages: int = 2):
 @contextlib.contextmanager
 def cuda_lowering_context(device_kind: str = "NVIDIA H200", num_cores: int = 132):
     """Context in which `jax.jit(f).trace(...).lower(lowering_platforms=("cuda",))` works on a machine without a
-    GPU. jax >= 0.11 needs an abstract mesh carrying a CUDA abstract device; 0.10 needs nothing."""
+    GPU. jax >= 0.11 needs an abstract mesh carrying a CUDA abstract device: the current mesh's axes (fake CPU
+    devices standing in for GPUs; its size cannot change inside) on that device, or a 1-device mesh off a mesh;
+    0.10 needs nothing."""
     if JAX_VERSION >= (0, 11, 0):
         from jax.sharding import AbstractDevice, AbstractMesh  # type: ignore[attr-defined]
 
-        mesh = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(device_kind, num_cores, "cuda"))
+        device = AbstractDevice(device_kind, num_cores, "cuda")
+        current = jax.sharding.get_abstract_mesh()
+        if current is not None and not current.empty:
+            mesh = AbstractMesh(current.axis_sizes, current.axis_names, current.axis_types, abstract_device=device)
+        else:
+            mesh = AbstractMesh((1,), ("x",), abstract_device=device)
         with jax.sharding.use_abstract_mesh(mesh):
             yield
     else:
         yield
+
+
+def abstract_for_cuda(tree):
+    """Inside `cuda_lowering_context`: the arrays of `tree` as shape/dtype/sharding structs on the context's CUDA
+    abstract mesh (same partition specs), so that a program sharded over fake CPU devices lowers for CUDA — jax >= 0.11
+    refuses inputs placed on the CPU mesh beside the CUDA one. Unchanged on 0.10 (and for unsharded leaves)."""
+    if JAX_VERSION < (0, 11, 0):
+        return tree
+    mesh = jax.sharding.get_abstract_mesh()
+
+    def one(x):
+        sharding = getattr(x, "sharding", None)
+        if not isinstance(x, jax.Array) or not isinstance(sharding, jax.sharding.NamedSharding):
+            return x
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.NamedSharding(mesh, sharding.spec))
+
+    return jax.tree.map(one, tree)
 
 
 def lower_for_cuda(fn, *args, **kwargs) -> str:

@@ -17,7 +17,14 @@ FAMILY_EXTRA = {"mixtral": dict(num_local_experts=4, num_experts_per_tok=2)}
 
 
 def write_tiny_model(out: Path, tokenizer_dir: Path, seed: int = 0, family: str = "llama") -> Path:
-    import torch
+    """The tiny model of `family` initialised by transformers (PyTorch). Where torch is not installed (the Python 3.12
+    / jax 0.11 environment of scripts/test_py312.sh) a Llama is written with numpy draws of the same scales instead."""
+    try:
+        import torch
+    except ImportError:
+        if family != "llama":
+            raise
+        return _write_tiny_llama_numpy(out, tokenizer_dir, seed)
     import transformers
 
     torch.manual_seed(seed)
@@ -32,10 +39,43 @@ def write_tiny_model(out: Path, tokenizer_dir: Path, seed: int = 0, family: str 
                 if name.endswith("proj.bias"):
                     p.normal_(0.0, 0.5)
     model.save_pretrained(str(out), safe_serialization=True)
+    return _with_tokenizer(out, tokenizer_dir)
+
+
+def _with_tokenizer(out: Path, tokenizer_dir: Path) -> Path:
     for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
         if (tokenizer_dir / f).exists() and not (out / f).exists():
             shutil.copy(tokenizer_dir / f, out / f)
     return out
+
+
+def _write_tiny_llama_numpy(out: Path, tokenizer_dir: Path, seed: int) -> Path:
+    """TINY as a Llama HF directory without torch: normal(0, 0.02) matrices and embeddings (transformers' init),
+    unit norms, safetensors in the HF key layout, the config written by transformers."""
+    import numpy as np
+    import transformers
+    from safetensors.numpy import save_file
+
+    tok_cfg = json.loads((tokenizer_dir / "config.json").read_text())
+    cfg = transformers.LlamaConfig(vocab_size=tok_cfg["vocab_size"], bos_token_id=tok_cfg.get("bos_token_id"),
+                                   eos_token_id=tok_cfg.get("eos_token_id"), architectures=["LlamaForCausalLM"], **TINY)
+    rng = np.random.default_rng(seed)
+    E, M, D = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    H, K = cfg.num_attention_heads, cfg.num_key_value_heads
+    normal = lambda *shape: (0.02 * rng.standard_normal(shape)).astype(np.float32)  # noqa: E731
+    tensors = {"model.embed_tokens.weight": normal(cfg.vocab_size, E), "model.norm.weight": np.ones(E, np.float32)}
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        tensors.update({
+            p + "self_attn.q_proj.weight": normal(H * D, E), p + "self_attn.k_proj.weight": normal(K * D, E),
+            p + "self_attn.v_proj.weight": normal(K * D, E), p + "self_attn.o_proj.weight": normal(E, H * D),
+            p + "mlp.gate_proj.weight": normal(M, E), p + "mlp.up_proj.weight": normal(M, E),
+            p + "mlp.down_proj.weight": normal(E, M), p + "input_layernorm.weight": np.ones(E, np.float32),
+            p + "post_attention_layernorm.weight": np.ones(E, np.float32)})
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.save_pretrained(str(out))
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return _with_tokenizer(out, tokenizer_dir)
 
 
 def write_tiny_data(out: Path, shakespeare: Path) -> Path:

@@ -33,6 +33,11 @@ class Shapes:
     F: int  # learned feature dim (F' = 2F)
     W: int
     dtype: str
+    K: int | None = None  # key/value heads (grouped-query attention); None = H
+
+    @property
+    def kv_heads(self) -> int:
+        return self.H if self.K is None else self.K
 
     @property
     def jnp_dtype(self):
@@ -42,7 +47,7 @@ class Shapes:
 DEFAULTS = {
     "cpu": dict(shapes=Shapes(B=1, H=4, D=64, F=64, W=64, dtype="float32"), lengths=[1024, 2048, 4096, 8192, 16384],
                 reps=5, budget_s=100.0),
-    "gpu": dict(shapes=Shapes(B=1, H=32, D=128, F=64, W=64, dtype="bfloat16"),
+    "gpu": dict(shapes=Shapes(B=1, H=32, D=128, F=64, W=64, dtype="bfloat16", K=8),  # Llama-3.1-8B's heads
                 lengths=[1024, 2048, 4096, 8192, 16384, 32768, 65536], reps=10, budget_s=20.0),
 }
 
@@ -120,7 +125,8 @@ def quadratic_bytes(kind: str, mode: str, s: Shapes, T: int) -> float:
 def make_inputs(s: Shapes, T: int, seed: int = 0):
     ks = jax.random.split(jax.random.PRNGKey(seed), 6)
     dt = s.jnp_dtype
-    q, k, v = (jax.random.normal(kk, (s.B, T, s.H, s.D), jnp.float32).astype(dt) for kk in ks[:3])
+    q = jax.random.normal(ks[0], (s.B, T, s.H, s.D), jnp.float32).astype(dt)
+    k, v = (jax.random.normal(kk, (s.B, T, s.kv_heads, s.D), jnp.float32).astype(dt) for kk in ks[1:3])
     wq, wk = (jax.random.normal(kk, (s.H, s.D, s.F), jnp.float32) / math.sqrt(s.D) for kk in ks[3:5])
     theta = jnp.full((s.H,), -2.1972245773362196, jnp.float32)
     ct = jax.random.normal(ks[5], (s.B, T, s.H, s.D), jnp.float32).astype(dt)
@@ -260,7 +266,8 @@ def scaling_summary(result: dict) -> list[str]:
 def to_markdown(result: dict) -> str:
     cfg, peak = result["config"], result["peak_tflops"]
     lines = [f"# Attention benchmark ({cfg['device']}: {cfg['device_kind']}, jax {cfg['jax']})", "",
-             f"B={cfg['B']} H={cfg['H']} D={cfg['D']} F={cfg['F']} (F'={2 * cfg['F']}) W={cfg['W']} "
+             f"B={cfg['B']} H={cfg['H']} K={cfg.get('K') or cfg['H']} D={cfg['D']} F={cfg['F']} (F'={2 * cfg['F']}) "
+             f"W={cfg['W']} "
              f"dtype={cfg['dtype']}; median (and min) of up to {cfg['reps']} runs after one warm-up (fewer when a "
              "call is long); memory = compiled temp + output bytes (XLA memory analysis)."
              + (f" Measured bf16 matmul peak: {peak:.0f} TFLOP/s." if peak else "")
