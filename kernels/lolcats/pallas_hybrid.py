@@ -39,7 +39,10 @@ class PallasConfig:
     chunk:      C; None → spec.chunk_len() rounded up to a power of two ≥ 16.
     block_v:    value tile of the forward kernel; None → min(Dv, 64).
     seg_chunks: chunks per program; segments run in parallel from precomputed states (more programs than
-                batch × heads, which alone would leave most of a GPU idle).
+                batch × heads, which alone would leave most of a GPU idle). None → sized from the GPU's SM count
+                (`default_seg_chunks`): enough segments that batch × heads × segments backward programs cover every
+                SM (B = 1, H = 32, T = 1024 on 132 SMs: 6 segments of 3 chunks, 192 programs instead of 32), and
+                one segment (no state pass) when batch × heads alone does.
     num_warps_fwd / num_warps_bwd / num_stages: Triton compiler parameters (num_stages > 1 pipelines the chunk
                 loads but exceeds the shared memory of an H100 in the backward kernels at D = 128).
     interpret:  run the kernels in Pallas interpret mode; None → interpret unless the default backend is a GPU.
@@ -47,7 +50,7 @@ class PallasConfig:
 
     chunk: int | None = None
     block_v: int | None = None
-    seg_chunks: int = 16
+    seg_chunks: int | None = None
     num_warps_fwd: int = 4
     num_warps_bwd: int = 8
     num_stages: int = 1
@@ -55,6 +58,26 @@ class PallasConfig:
 
     def resolve_interpret(self) -> bool:
         return jax.default_backend() != "gpu" if self.interpret is None else bool(self.interpret)
+
+
+H100_SMS = 132  # streaming multiprocessors assumed when compiling without a GPU (offline lowering)
+INTERPRET_SEG_CHUNKS = 16  # interpret mode (CPU): no SMs to fill
+
+
+def num_sms() -> int:
+    """The first GPU's SM count (`core_count`), or H100_SMS without a GPU."""
+    if jax.default_backend() == "gpu":
+        count = getattr(jax.devices()[0], "core_count", None)
+        if count:
+            return int(count)
+    return H100_SMS
+
+
+def default_seg_chunks(num_chunks: int, batch_heads: int, sms: int) -> int:
+    """Chunks per segment so that batch_heads × segments (the backward kernels' programs; the forward has as many
+    per value tile) is at least `sms`: floor(N / ⌈sms / (B·H)⌉), ≥ 1. One segment when B·H ≥ sms."""
+    wanted = -(-int(sms) // max(1, int(batch_heads)))
+    return max(1, int(num_chunks) // max(1, min(wanted, int(num_chunks))))
 
 
 def _pow2(n: int) -> bool:
@@ -66,8 +89,8 @@ def _next_pow2(n: int) -> int:
 
 
 def make_layout(spec: LolcatsSpec, T: int, D: int, Dv: int, F: int, cfg: PallasConfig,
-                interpret: bool) -> KernelLayout:
-    """Validated static layout; errors name the offending values."""
+                interpret: bool, batch_heads: int = 1) -> KernelLayout:
+    """Validated static layout; errors name the offending values. batch_heads = B·H sizes the default segments."""
     if spec.form not in ("hybrid", "linear"):
         raise ValueError(f"the Pallas kernels implement form 'hybrid' and 'linear', not {spec.form=}")
     if spec.uses_compat_masks:
@@ -90,10 +113,14 @@ def make_layout(spec: LolcatsSpec, T: int, D: int, Dv: int, F: int, cfg: PallasC
             if not (_pow2(value) and value >= MIN_TILE):
                 raise ValueError(f"{name}={value} must be a power of two ≥ {MIN_TILE} for the Triton lowering")
     N = max(1, -(-int(T) // C))
+    if cfg.seg_chunks is not None:
+        seg = max(1, int(cfg.seg_chunks))
+    else:
+        seg = INTERPRET_SEG_CHUNKS if interpret else default_seg_chunks(N, batch_heads, num_sms())
     return KernelLayout(
         form=spec.form, window=spec.window, window_size=W, chunk=C, seq_len=int(T), num_chunks=N,
         feature_map=spec.feature_map, fullspace=bool(spec.fullspace), fm_eps=float(spec.eps),
-        den_eps=LINEAR_DENOM_EPS if spec.form == "linear" else 0.0, block_v=V, seg_chunks=max(1, cfg.seg_chunks),
+        den_eps=LINEAR_DENOM_EPS if spec.form == "linear" else 0.0, block_v=V, seg_chunks=seg,
         num_warps_fwd=cfg.num_warps_fwd, num_warps_bwd=cfg.num_warps_bwd, num_stages=cfg.num_stages)
 
 
@@ -172,7 +199,7 @@ def pallas_lolcats_attention(
         return _softmax_teacher(q, k, v)
     B, T, H, D = q.shape
     interpret = config.resolve_interpret()
-    lay = make_layout(spec, T, D, v.shape[-1], fmap.wq.shape[-1], config, interpret)
+    lay = make_layout(spec, T, D, v.shape[-1], fmap.wq.shape[-1], config, interpret, batch_heads=B * H)
     qp, kp, vp, hs_H4 = prepare_inputs(q, k, v, fmap, theta_H, spec, lay)
     return _lolcats_padded(qp, kp, vp, fmap.wq, fmap.wk, hs_H4, lay, interpret)[:, :T]
 

@@ -90,7 +90,8 @@ def triton_lolcats_attention(q, k, v, fmap: FeatureMapParams, theta_H, spec: Lol
     if spec.form not in ("hybrid", "linear") or spec.feature_map != "softmax_dim":
         raise NotImplementedError(f"the Triton kernel covers form hybrid/linear with feature_map 'softmax_dim', "
                                   f"not {spec.form=} {spec.feature_map=}; use Backend.PALLAS")
-    lay = make_layout(spec, q.shape[1], q.shape[-1], v.shape[-1], fmap.wq.shape[-1], config, interpret=False)
+    lay = make_layout(spec, q.shape[1], q.shape[-1], v.shape[-1], fmap.wq.shape[-1], config, interpret=False,
+                      batch_heads=q.shape[0] * q.shape[2])
     qp, kp, vp, hs_H4 = prepare_inputs(q, k, v, fmap, theta_H, spec, lay)
     return _triton_padded(qp, kp, vp, fmap.wq, fmap.wk, hs_H4, lay)[:, : q.shape[1]]
 

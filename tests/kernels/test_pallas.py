@@ -194,6 +194,22 @@ def test_mask_tiles_match_key_sets(window, log_w, ratio, n):
 # --------------------------------------------------------------------------------------------- configuration
 
 
+def test_default_segments_fill_the_sms():
+    """seg_chunks=None sizes segments from the SM count: B·H·segments backward programs cover 132 SMs at B = 1,
+    H = 32 (T = 1024: 16 chunks → 6 segments of 3; T = 8192: 128 chunks → 6 of 25), and a batch whose B·H alone
+    covers them gets one segment (no state pass at all)."""
+    from kernels.lolcats.pallas_hybrid import default_seg_chunks
+
+    for N, BH, want_seg in ((16, 32, 3), (128, 32, 25), (16, 256, 16), (1, 32, 1), (16, 1, 1)):
+        seg = default_seg_chunks(N, BH, 132)
+        segments = -(-N // seg)
+        assert seg == want_seg and (BH * segments >= 132 or segments == N or BH >= 132), (N, BH, seg)
+    lay = make_layout(LolcatsSpec(window="tk", window_size=64), 1024, 128, 128, 64, PallasConfig(), False,
+                      batch_heads=32)
+    assert lay.num_segments == 6 and lay.seg_chunks == 3
+    assert make_layout(LolcatsSpec(), 1024, 128, 128, 64, PallasConfig(seg_chunks=4), False).seg_chunks == 4
+
+
 def test_layout_errors_name_values():
     with pytest.raises(ValueError, match="W=48"):
         make_layout(LolcatsSpec(window="tk", window_size=48), 100, 128, 128, 64, PallasConfig(), interpret=False)
@@ -206,7 +222,7 @@ def test_layout_errors_name_values():
     assert unsupported_reason(LolcatsSpec(), (1, 100, 4, 128), (1, 100, 4, 128), 64) is None
     assert "F=8" in unsupported_reason(LolcatsSpec(), (1, 100, 4, 64), (1, 100, 4, 64), 8)
     lay = make_layout(LolcatsSpec(window="sw", window_size=48), 100, 128, 128, 64, PallasConfig(), False)
-    assert (lay.chunk, lay.num_chunks, lay.block_v, lay.num_segments) == (64, 2, 64, 1)
+    assert (lay.chunk, lay.num_chunks, lay.block_v, lay.num_segments) == (64, 2, 64, 2)  # B·H = 1: a segment each
 
 
 def test_grouped_query_shapes_checked():
