@@ -55,22 +55,37 @@ def _stage_parts(cfg: Config, stage: str):
 def build_cell(cfg: Config, model_dir: str, mesh, cell: Cell, base_cache: dict):
     """A ready-to-call (train_step, args) of `cell` and the compile seconds and compiled memory."""
     from convert.hf_to_flax import load_hf_params, read_config
-    from lolcats_jax import compat
-    from lolcats_jax.bench.generate import compiled_peak_bytes
     from lolcats_jax.model.build import model_options
-    from lolcats_jax.train.optim import make_optimizer
-    from lolcats_jax.train.step import batch_sharding, build_steps, split_model
 
     lc = read_config(model_dir)
-    lora, filt, loss_fn, optim = _stage_parts(cfg, cell.stage)
+    lora = _stage_parts(cfg, cell.stage)[0]
     linearize = cfg.attention.kind == "lolcats"
     opts = model_options(cfg, lc.num_layers, lora=lora, linearize=linearize)
     model = load_hf_params(model_dir, mesh, param_dtype=cfg.model.param_dtype, opts=opts, seed=cfg.run.seed,
                            base_cache=base_cache)
+    return compile_step(cfg, model, mesh, cell, lc.vocab_size)
+
+
+def stage_lora(cfg: Config, stage: str):
+    """The LoRA settings the model of `stage` is built with (None for distill)."""
+    return _stage_parts(cfg, stage)[0]
+
+
+def compile_step(cfg: Config, model, mesh, cell: Cell, vocab_size: int, *, copy_trainables: bool = False):
+    """(step, compile seconds, compiled memory) of the recipe's `cell.stage` train step on `model` (built with
+    `stage_lora(cfg, cell.stage)`) for (A, B, T) random token ids; `step()` runs it once and returns its metrics.
+    copy_trainables: the step donates its trainables, so copy them first when other models share these arrays."""
+    from lolcats_jax import compat
+    from lolcats_jax.bench.generate import compiled_peak_bytes
+    from lolcats_jax.train.optim import make_optimizer
+    from lolcats_jax.train.step import batch_sharding, build_steps, split_model
+
+    _, filt, loss_fn, optim = _stage_parts(cfg, cell.stage)
     split = split_model(model, filt)
-    tx = make_optimizer(optim)
-    init_opt, train, _, _ = build_steps(split, tx, loss_fn, mesh)
-    ids = np.random.default_rng(0).integers(0, lc.vocab_size, (cell.A, cell.B, cell.T), dtype=np.int32)
+    if copy_trainables:
+        split.trainable = {k: jnp.copy(v) for k, v in split.trainable.items()}
+    init_opt, train, _, _ = build_steps(split, make_optimizer(optim), loss_fn, mesh)
+    ids = np.random.default_rng(0).integers(0, vocab_size, (cell.A, cell.B, cell.T), dtype=np.int32)
     sharding = batch_sharding(mesh, True, cell.B)
     batch = {"input_ids": jax.device_put(ids, sharding), "labels": jax.device_put(ids, sharding)}
     lr = jnp.float32(optim.lr)
