@@ -9,8 +9,8 @@ step's trainable parameters are under `<run>/<stage>/snapshots/<step>`. Points, 
 result the later stages use (`distill/final`, the best evaluated step), every LoRA snapshot on top of that result,
 and `finetune/final`. Each point is the held-out perplexity of the first `--ppl-tokens` tokens of the config's
 `evaluate.perplexity` files (chunks of the distill chunk size) and accuracy on the first `--limit` documents of each
-task. Writes `<out>.json` (rewritten atomically after every point: a re-run scores only the missing points) and
-`<out>.png`, and prints a markdown table.
+task. Writes `<out>.json` (rewritten atomically after every point: a re-run on the same run scores only the missing
+points) and `<out>.png`, and prints a markdown table.
 """
 
 from __future__ import annotations
@@ -63,6 +63,17 @@ def plan_points(run_dir: Path, cfg) -> list[dict]:
     return points
 
 
+def _run_fingerprint(run_dir: Path) -> str:
+    """sha256 of the run's config record and its training stages' done markers: points scored on another run kept
+    in the same directory (a re-made run, other settings) are never reused."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in [run_dir / "config.yaml"] + [run_dir / stage / "done.json" for stage in ("distill", "finetune")]:
+        h.update(str(path.relative_to(run_dir)).encode() + b"\0" + (path.read_bytes() if path.exists() else b""))
+    return h.hexdigest()[:16]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", type=Path, required=True, help="run directory (holds config.yaml)")
@@ -105,7 +116,8 @@ def main(argv=None) -> int:
 
     json_path = args.out.with_suffix(".json")
     done = json.loads(json_path.read_text()) if json_path.exists() else {}
-    setup = {"run": str(args.run), "tasks": args.tasks, "limit": args.limit, "ppl_tokens": len(ids)}
+    setup = {"run": str(args.run), "run_content": _run_fingerprint(args.run), "tasks": args.tasks, "limit": args.limit,
+             "ppl_tokens": len(ids)}
     results: dict = done.get("points", {}) if done.get("setup") == setup else {}
     cache: dict = {}
     models: dict = {}

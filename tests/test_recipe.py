@@ -152,6 +152,15 @@ def test_full_recipe_and_stage_skipping(tiny, tmp_path):
     assert list(only) == ["teacher", "distill:final"] and all(p["mean_acc"] is None and p["tasks"] == {} for p in only.values())
     assert all(abs(only[k]["ppl"] - points[k]["ppl"]) <= 1e-6 * points[k]["ppl"] for k in only), (only, points)
     assert ppl_only.with_suffix(".png").stat().st_size > 0
+    # a re-run reuses the points of the same run (a marked value stays), never those of a re-made run in the same
+    # directory (another done marker: the mark is scored away)
+    saved = json.loads(ppl_only.with_suffix(".json").read_text())
+    saved["points"]["teacher"]["ppl"] = 12345.0
+    ppl_only.with_suffix(".json").write_text(json.dumps(saved))
+    assert _curve(run_dir, ppl_only, "--tasks", "", "--only", "teacher")["teacher"]["ppl"] == 12345.0
+    done = run_dir / "finetune" / "done.json"
+    done.write_text(json.dumps({**json.loads(done.read_text()), "seconds": 1.0}))
+    assert _curve(run_dir, ppl_only, "--tasks", "", "--only", "teacher")["teacher"]["ppl"] == points["teacher"]["ppl"]
 
 
 def _curve(run_dir: Path, out: Path, *args: str) -> dict:
