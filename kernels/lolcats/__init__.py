@@ -1,7 +1,7 @@
 """LoLCATS attention kernels: pure-JAX reference, chunked linear-time (custom VJP) and recurrent decoding.
 
-Layout [B, T, H, D] everywhere (keys/values already repeated to the H query heads, post-RoPE). See spec.py for the
-notation and the exact math.
+Layout [B, T, heads, D] everywhere: q with H query heads, k and v with K key/value heads dividing H (grouped-query
+attention, never repeated), post-RoPE. See spec.py for the notation and the exact math.
 """
 
 from kernels.lolcats.api import check_inputs, lolcats_attention, register_backend, registered_backends, resolve_backend
