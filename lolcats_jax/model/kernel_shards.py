@@ -21,10 +21,10 @@ import logging
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from kernels.lolcats import Backend, FeatureMapParams
+from kernels.lolcats.reference import repeat_kv_heads
 from lolcats_jax import compat
 from lolcats_jax.sharding import logical_to_spec
 
@@ -43,8 +43,8 @@ def per_shard(fn: Callable, q_BTHD, k_BTKD, v_BTKD, fmap: FeatureMapParams, thet
     if kv[2] != heads:  # the mesh splits the query heads but cannot split the kv heads the same way
         _log.warning("kernel per shard: %s kv heads cannot follow %s query heads over mesh axes %s; repeating k and "
                      "v to %d heads", k_BTKD.shape[2], q_BTHD.shape[2], heads, q_BTHD.shape[2])
-        G = q_BTHD.shape[2] // k_BTKD.shape[2]
-        k_BTKD, v_BTKD = jnp.repeat(k_BTKD, G, axis=2), jnp.repeat(v_BTKD, G, axis=2)
+        H = q_BTHD.shape[2]
+        k_BTKD, v_BTKD = repeat_kv_heads(k_BTKD, H), repeat_kv_heads(v_BTKD, H)
         kv = x
     w_HDF, s_H = P(heads, None, None), P(heads)
     fmap_specs = FeatureMapParams(w_HDF, w_HDF, None if fmap.bq is None else s_H, None if fmap.bk is None else s_H)
