@@ -91,7 +91,7 @@ def main(argv=None) -> int:
 
     from lolcats_jax import compat
     from lolcats_jax.config import load_config
-    from lolcats_jax.eval.runner import evaluate_task
+    from lolcats_jax.eval.runner import evaluate_tasks
     from lolcats_jax.eval.scoring import Scorer
     from lolcats_jax.eval.stage import heldout_ids
     from lolcats_jax.eval.tasks import load_task
@@ -140,7 +140,7 @@ def main(argv=None) -> int:
                 load_params_into(model, Path(point["lora"]))
             scorer = Scorer(model)
             ppl = scorer.perplexity(ids, cfg.distill.data.chunk_size, None, args.batch_size)
-            accs = {t.name: evaluate_task(scorer, tok, t, args.batch_size) for t in tasks}
+            accs = evaluate_tasks(scorer, tok, tasks, args.batch_size)
             results[point["name"]] = {
                 "tokens": point["tokens"], "kind": kind, "ppl": ppl.ppl,
                 "tasks": {k: {"acc": v["acc"], "acc_norm": v.get("acc_norm"), "n": v["n"]} for k, v in accs.items()},

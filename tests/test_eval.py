@@ -373,22 +373,27 @@ def smollm2(smollm2_dir):
 
 @pytest.mark.slow
 def test_smollm2_piqa_arc_easy_equal_transformers(smollm2):
-    """Every summed log-likelihood within rel 1e-4 of transformers fp32, hence the same answers and accuracies."""
+    """Both tasks scored in one pass (their requests share length buckets, as the evaluate stage scores them): every
+    summed log-likelihood within rel 1e-4 of transformers fp32 on that task alone, hence the same answers and
+    accuracies."""
     scorer, tm, tok = smollm2
-    for name in ("piqa", "arc_easy"):
-        task = tasks.load_task(name, limit=N_DOCS)
-        ours = runner.task_logliks(scorer, tok, task, batch_size=8)
+    both = [tasks.load_task(name, limit=N_DOCS) for name in ("piqa", "arc_easy")]
+    joint = runner.tasks_logliks(scorer, tok, both, batch_size=8)
+    results = runner.evaluate_tasks(scorer, tok, both, batch_size=8)
+    for task, ours in zip(both, joint):
         pairs = PairEncoder(tok).encode_all([r for d in task.docs for r in d.requests])
         flat = [lp for lp, _ in torch_logliks(tm, pairs)]
         ref, i = [], 0
         for d in task.docs:
             ref.append(flat[i : i + len(d.choices)])
             i += len(d.choices)
+        assert [len(x) for x in ours] == [len(x) for x in ref]
         np.testing.assert_allclose(np.concatenate(ours), np.concatenate(ref), rtol=1e-4)
         ours_m, ref_m = metrics.score_docs(task.docs, ours), metrics.score_docs(task.docs, ref)
-        assert ours_m == ref_m, name
-        res = metrics.task_metrics(task, ours_m)
-        print(f"SmolLM2 {name} first {N_DOCS}: acc {res['acc']:.3f} acc_norm {res['acc_norm']:.3f}")
+        assert ours_m == ref_m, task.name
+        res = metrics.task_metrics(task, ref_m)
+        assert results[task.name]["acc"] == res["acc"] and results[task.name]["acc_norm"] == res["acc_norm"], task.name
+        print(f"SmolLM2 {task.name} first {N_DOCS}: acc {res['acc']:.3f} acc_norm {res['acc_norm']:.3f}")
 
 
 @pytest.mark.slow

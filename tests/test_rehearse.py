@@ -111,24 +111,43 @@ def _rehearse(name, layout, seed, out, layers):
     return json.loads(report_path.read_text())
 
 
+# (config, processes x devices, seed, layers, stage the seed's kill hits): every shipped big config on its cluster's
+# device count, with fewer decoder layers (everything else as the shrink keeps it). The seed picks the stage, the
+# process and the moment (lolcats_jax.rehearse.rehearsal._choose_kill): 8B finetune; 70B process 1 in distill; 70B
+# block-wise a block job; 405B process 1 in finetune; 405B block-wise process 0 in evaluate (resumed from its
+# finished measurements). 405B block-wise keeps its 9-layer blocks: one block here (the 70B block-wise rehearsal
+# runs two block jobs side by side).
+REHEARSALS = [("llama3_1_8b", "1x8", 1, 4, "finetune"), ("llama3_1_70b", "2x4", 6, 2, "distill"),
+              ("llama3_1_70b_blockwise", "2x4", 3, 10, "distill_block"), ("llama3_1_405b", "4x8", 3, 2, "finetune"),
+              ("llama3_1_405b_blockwise", "4x8", 6, 9, "evaluate")]
+
+
+def test_ci_rehearses_every_shipped_big_config():
+    assert sorted(name for name, *_ in REHEARSALS) == sorted(SHIPPED)
+    for name, layout, *_ in REHEARSALS:
+        p, d = (int(x) for x in layout.split("x"))
+        assert p * d == (load_config(REPO / "configs" / f"{name}.yaml").mesh.devices or 1), name
+
+
 @pytest.mark.slow
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("name,layout,seed,layers", [("llama3_1_8b", "1x8", 1, 4), ("llama3_1_70b_blockwise", "2x4", 3, 10)])
-def test_rehearsal(name, layout, seed, layers, tmp_path):
-    """The shipped config as its cluster runs it, with fewer layers. CI keeps two within its budget: the 8B recipe's
-    batch of one on an 8-device FSDP mesh, and the 70B block-wise chain on 2 processes × 4 devices (collect on both
-    processes, block jobs as a one-device array, stitch + finetune + evaluate on both, export) with 2 of its 16 blocks
-    (all 80 layers: ~7 minutes idle, ~15 beside the rest of the suite). The full-depth runs and the other layouts
-    take 4–20 minutes each on 2 cores (the 4-process jobs run every collective through 32 gloo ranks): run by hand,
-    figures in benchmarks/results/rehearsals.md."""
+@pytest.mark.parametrize("name,layout,seed,layers,kill_stage", REHEARSALS)
+def test_rehearsal(name, layout, seed, layers, kill_stage, tmp_path):
+    """The shipped config as its cluster runs it, with fewer layers: P processes x D fake CPU devices under
+    jax.distributed, one process killed at a random moment and the job resumed; trained parameters and logged
+    losses against a one-device run, the export in transformers, `generate` / `evaluate` with the config's mesh.
+    Idle 2-core times: 1-3 minutes for the 1 x 8 and 2 x 4 ones, 2-4 for the 4 x 8 ones (every collective through
+    32 gloo ranks). The full-depth runs take 4-20 minutes each: run by hand, figures in
+    benchmarks/results/rehearsals.md."""
     r = _rehearse(name, layout, seed, tmp_path / "r", layers)
     assert r["layers"] == layers
     assert r["passed"] and not r["failures"]
-    assert r["kill"]["target_was_running"] and r["kill"]["rerun"]
+    assert r["kill"]["stage"] == kill_stage and r["kill"]["target_was_running"] and r["kill"]["rerun"]
     trained = {"distill", "finetune"} if "distill" in r["stages"] else {"stitch", "finetune"}
     assert trained <= set(r["params"]) and all("missing" not in p for p in r["params"].values())
     if "distill_block" in r["stages"]:
-        assert r["num_blocks"] == layers // 5 == sum(k.startswith("distill_block/") for k in r["params"])  # every block
+        size = load_config(REPO / "configs" / f"{name}.yaml").block.size
+        assert r["num_blocks"] == -(-layers // size) == sum(k.startswith("distill_block/") for k in r["params"])  # every block
         # block jobs run on one device in both runs, from inputs the 2-process collect wrote: the same bits
         assert all(p["bit_exact"] for k, p in r["params"].items() if k.startswith("distill_block/") or k == "stitch")
     assert r["losses"]["records"] > 0 and r["losses"]["max_rel"] <= 1e-4

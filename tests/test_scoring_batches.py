@@ -29,7 +29,7 @@ from flax import nnx
 from lolcats_jax import xla_flags
 from lolcats_jax.eval import metrics, tasks
 from lolcats_jax.eval.encoding import PairEncoder
-from lolcats_jax.eval.scoring import Scorer
+from lolcats_jax.eval.scoring import Scorer, fill_batches
 from lolcats_jax.model import Llama, LlamaConfig, LolcatsLayerOptions, LoraOptions, ModelOptions
 from lolcats_jax.model.build import abstract_model, shard_model
 from lolcats_jax.tokenizer import load_tokenizer
@@ -227,6 +227,45 @@ def test_shared_contexts_score_like_one_row_per_request(name, tok, task_set, bou
     rows = scorer.loglikelihoods(docs + boundary_requests, batch_size=8, share_contexts=False)
     assert_same_scores(shared, rows, f"{name}: shared contexts vs one row per request")
     assert_same_decisions(task_set, [x for x, _ in shared[: len(docs)]], [x for x, _ in rows[: len(docs)]], name)
+
+
+def test_fill_batches_tops_up_the_last_batch_of_each_bucket():
+    """Buckets longest first; the free rows of a program's last batch take the next bucket's first items, and a bucket
+    used up that way gets no program."""
+    assert fill_batches([["a1", "a2", "a3"], ["b1", "b2"], ["c1", "c2", "c3", "c4", "c5"]], 4) == [
+        [["a1", "a2", "a3", "b1"]],  # b2 is left: bucket b gets a program of its own, topped up by c
+        [["b2", "c1", "c2", "c3"]],
+        [["c4", "c5"]],  # the rest of c: its own length
+    ]
+    assert fill_batches([["a"], ["b"], ["c"], ["d"]], 8) == [[["a", "b", "c", "d"]]]  # one document per bucket: one program
+    assert fill_batches([["a1", "a2"], ["b1"]], 2) == [[["a1", "a2"]], [["b1"]]]  # a full batch takes nothing
+    assert fill_batches([["a"], ["b"], ["c"]], 8, fill=False) == [[["a"]], [["b"]], [["c"]]]
+    assert fill_batches([], 8) == [] and fill_batches([["a"] * 3], 1) == [[["a"]] * 3]
+
+
+def test_a_few_documents_of_many_lengths_compile_one_program_per_path(tok, task_set, monkeypatch):
+    """One document of each task (contexts of five length buckets, 64 to 512): the shared-context path and the
+    row path each compile one program for the model, not one per bucket, and the scores equal batch size 1's
+    (where no batch has a free row to fill)."""
+    from lolcats_jax.eval import scoring
+
+    shapes = {"rows": set(), "shared": set()}
+    real_rows, real_shared = Scorer._bucket_shape, Scorer._shared_shape
+    monkeypatch.setattr(Scorer, "_bucket_shape", lambda self, *a: shapes["rows"].add(real_rows(self, *a)) or real_rows(self, *a))
+    monkeypatch.setattr(Scorer, "_shared_shape", lambda self, *a: shapes["shared"].add(real_shared(self, *a)) or real_shared(self, *a))
+    import dataclasses
+
+    one_each = [dataclasses.replace(t, docs=t.docs[:1]) for t in task_set]
+    requests = doc_requests(tok, one_each)
+    scorer = Scorer(random_model(ATTENTION["tk"], seed=7), max_length=512)
+    buckets = {scoring.input_bucket(len(c), 512) for c in scorer._shared_groups(requests)}
+    assert len(buckets) >= 3, buckets
+    got = scorer.loglikelihoods(requests, batch_size=8)
+    assert len(shapes["shared"]) == 1 and len(shapes["rows"]) <= 1, shapes
+    shapes["rows"].clear(), shapes["shared"].clear()
+    alone = scorer.loglikelihoods(requests, batch_size=1)
+    assert len(shapes["shared"]) == len(buckets), shapes  # batch 1: nothing to fill, one program per bucket
+    assert_same_scores(got, alone, "one document per task: filled batch 8 vs batch 1")
 
 
 def test_perplexity_is_batch_invariant(tok):

@@ -15,29 +15,52 @@ from lolcats_jax.eval.tasks import Task
 log = logging.getLogger(__name__)
 
 
-def task_logliks(scorer: Scorer, tokenizer, task: Task, batch_size: int = 8) -> list[list[float]]:
-    """Per document, the summed log-likelihood of each choice's continuation."""
-    pairs = [req for doc in task.docs for req in doc.requests]
+def tasks_logliks(scorer: Scorer, tokenizer, tasks: Sequence[Task], batch_size: int = 8) -> list[list[list[float]]]:
+    """Per task, per document, the summed log-likelihood of each choice's continuation. The requests of all the
+    tasks go through one scoring pass, so that a length bucket's compiled program serves every task that has
+    inputs of that length (one compilation per bucket instead of one per task and bucket: at 70B–405B each is
+    minutes). A request's score does not depend on what it is batched with (`Scorer.loglikelihoods`)."""
+    pairs = [req for task in tasks for doc in task.docs for req in doc.requests]
     scored = scorer.loglikelihoods(PairEncoder(tokenizer).encode_all(pairs), batch_size)
     out, i = [], 0
-    for doc in task.docs:
-        out.append([lp for lp, _ in scored[i : i + len(doc.choices)]])
-        i += len(doc.choices)
+    for task in tasks:
+        per_doc = []
+        for doc in task.docs:
+            per_doc.append([lp for lp, _ in scored[i : i + len(doc.choices)]])
+            i += len(doc.choices)
+        out.append(per_doc)
+    assert i == len(scored)
     return out
+
+
+def task_logliks(scorer: Scorer, tokenizer, task: Task, batch_size: int = 8) -> list[list[float]]:
+    """Per document, the summed log-likelihood of each choice's continuation."""
+    return tasks_logliks(scorer, tokenizer, [task], batch_size)[0]
 
 
 def evaluate_task(scorer: Scorer, tokenizer, task: Task, batch_size: int = 8) -> dict:
     """The task's metrics (see `metrics.task_metrics`) plus its wall time."""
-    t0 = time.perf_counter()
-    per_doc = score_docs(task.docs, task_logliks(scorer, tokenizer, task, batch_size))
-    res = task_metrics(task, per_doc)
-    res["seconds"] = round(time.perf_counter() - t0, 2)
-    log.info("%s: n=%d %s (%.1fs)", task.name, res["n"], " ".join(f"{m}={res[m]:.4f}" for m in task.metrics), res["seconds"])
-    return res
+    return evaluate_tasks(scorer, tokenizer, [task], batch_size)[task.name]
 
 
 def evaluate_tasks(scorer: Scorer, tokenizer, tasks: Sequence[Task], batch_size: int = 8) -> dict[str, dict]:
-    return {t.name: evaluate_task(scorer, tokenizer, t, batch_size) for t in tasks}
+    """{task name: metrics} of every task, scored in one pass (`tasks_logliks`). Each task's "seconds" is its share
+    of the pass's wall time, in proportion to its requests."""
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        raise ValueError(f"tasks {names}: a task name appears twice")
+    t0 = time.perf_counter()
+    logliks = tasks_logliks(scorer, tokenizer, tasks, batch_size)
+    seconds = time.perf_counter() - t0
+    n_req = [sum(len(d.choices) for d in t.docs) for t in tasks]
+    out = {}
+    for task, lls, n in zip(tasks, logliks, n_req):
+        res = task_metrics(task, score_docs(task.docs, lls))
+        res["seconds"] = round(seconds * n / max(1, sum(n_req)), 2)
+        log.info("%s: n=%d %s", task.name, res["n"], " ".join(f"{m}={res[m]:.4f}" for m in task.metrics))
+        out[task.name] = res
+    log.info("%d tasks scored in one pass in %.1fs", len(tasks), seconds)
+    return out
 
 
 def _fmt(x) -> str:

@@ -8,7 +8,11 @@ whose last len(continuation_ids) positions predict the continuation; the result 
 whether every continuation token is the argmax). Inputs are right-padded (causal attention: padding at the end
 never reaches a real position) to a few bucket lengths (powers of two, then multiples of 256), and every batch of a bucket is padded
 to that bucket's one shape (rows, requests, scored positions), so a whole benchmark compiles one program per
-bucket — shared by every Scorer of a model with the same structure (teacher vs. student: two programs). Requests
+bucket — shared by every Scorer of a model with the same structure (teacher vs. student: two programs). The rows
+a bucket's last batch leaves free are filled with the longest inputs of the next shorter buckets (`fill_batches`):
+a bucket whose inputs all fit there needs no program of its own (a few documents per task, or the tail of a
+length distribution, cost no compilation — minutes each at 70B–405B), at the price of padding at most one batch
+per bucket to a longer length. Requests
 whose inputs are identical (MMLU's four one-token answers after one shared prompt) share one row of the forward,
 and the choices of one context (ARC, HellaSwag, PIQA, SciQ) share its run: the context is prefilled once and all its
 continuations run together on top of its caches, each seeing the context and only itself (`_score_shared`).
@@ -57,6 +61,24 @@ def bucket(n: int, minimum: int, maximum: int | None = None) -> int:
     """The smallest power of two ≥ max(n, minimum), capped at `maximum`."""
     b = 1 << max(0, math.ceil(math.log2(max(n, minimum, 1))))
     return min(b, maximum) if maximum is not None else b
+
+
+def fill_batches(buckets: Sequence[Sequence], batch_size: int, fill: bool = True) -> list[list[list]]:
+    """Programs, each a list of batches of at most `batch_size` items: `buckets` holds the items of each length
+    bucket, longest bucket first. With `fill`, the free rows of the previous program's last batch take the first
+    items of the next bucket, and a bucket left empty by that gets no program (its items run padded to the longer
+    length); without, one program per non-empty bucket."""
+    programs: list[list[list]] = []
+    for items in buckets:
+        items = list(items)
+        if fill and programs:
+            last = programs[-1][-1]
+            take = max(0, batch_size - len(last))
+            last.extend(items[:take])
+            items = items[take:]
+        if items:
+            programs.append([items[s : s + batch_size] for s in range(0, len(items), batch_size)])
+    return programs
 
 
 def input_bucket(n: int, max_length: int) -> int:
@@ -296,10 +318,9 @@ class Scorer:
         def key(c):
             return input_bucket(len(c), self.max_length)
 
-        order = sorted(groups, key=lambda c: (key(c), -len(c), c))
-        for _, group in itertools.groupby(order, key=key):
-            contexts = list(group)
-            batches = [contexts[s : s + batch_size] for s in range(0, len(contexts), batch_size)]
+        order = sorted(groups, key=lambda c: (-key(c), -len(c), c))  # longest first: shorter ones fill its rows
+        buckets = [list(g) for _, g in itertools.groupby(order, key=key)]
+        for batches in fill_batches(buckets, batch_size):
             shape = self._shared_shape(mesh, batches, groups, requests)
             for b in batches:
                 for i, res in self._run_shared(mesh, shape, b, groups, requests).items():
@@ -334,13 +355,13 @@ class Scorer:
     def _score_rows(self, requests: Sequence[TokenRequest], batch_size: int, mesh, enter_mesh: bool) -> list:
         """Every request as one row (ctx + cont)[:-1] (identical rows shared), batched by length bucket."""
         by_input = self._group_by_input(requests)
-        # longest inputs first (a batch that does not fit in memory fails at once); a batch never mixes buckets
+        # longest inputs first (a batch that does not fit in memory fails at once); a bucket's last batch is topped
+        # up with shorter inputs (`fill_batches`), except where padding changes the numbers (exact lengths)
         order = sorted(by_input, key=lambda x: (-len(x), x))
         results: list[tuple[float, bool] | None] = [None] * len(requests)
+        buckets = [list(g) for _, g in itertools.groupby(order, key=lambda x: self._padded_length(len(x)))]
         with compat.set_mesh(mesh) if enter_mesh else contextlib.nullcontext():
-            for _, group in itertools.groupby(order, key=lambda x: self._padded_length(len(x))):
-                bucket_inputs = list(group)
-                batches = [bucket_inputs[s : s + batch_size] for s in range(0, len(bucket_inputs), batch_size)]
+            for batches in fill_batches(buckets, batch_size, fill=not self.exact_lengths):
                 shape = self._bucket_shape(mesh, batches, by_input, batch_size)
                 for inputs in batches:
                     flat = [(u, i, s, cont) for u, x in enumerate(inputs) for i, s, cont in by_input[x]]

@@ -72,7 +72,7 @@ def _model_fingerprint(ctx: RunContext, key: str) -> dict:
 
 def run_evaluate(ctx: RunContext) -> dict:
     from lolcats_jax.eval.progress import EvalProgress, fingerprint
-    from lolcats_jax.eval.runner import evaluate_task
+    from lolcats_jax.eval.runner import evaluate_tasks
     from lolcats_jax.eval.scoring import Scorer
     from lolcats_jax.eval.tasks import load_task
 
@@ -97,10 +97,9 @@ def run_evaluate(ctx: RunContext) -> dict:
                                                         ctx.cfg.distill.batch_size]),
                           lambda scorer, model: _attention_mse(ctx, model)))
         if key in ev.task_models:
-            for task in tasks:
+            for task in tasks:  # measured together: one scoring pass over the unfinished tasks (`evaluate_tasks`)
                 items.append((f"task.{task.name}", fingerprint([model_fp, task.name, len(task.docs), ev.limit, ev.mmlu_limit,
-                                                                ev.mmlu_subjects, ev.mmlu_shots]),
-                              lambda scorer, model, task=task: evaluate_task(scorer, ctx.tokenizer, task, ev.batch_size)))
+                                                                ev.mmlu_subjects, ev.mmlu_shots]), task))
         done = {item: progress.get(key, item, fp) for item, fp, _ in items}
         todo = [(item, fp, measure) for item, fp, measure in items if done[item] is None]
         print(f"[evaluate] {label}" + (f" ({len(items) - len(todo)} of {len(items)} measurements from an earlier run)"
@@ -109,8 +108,15 @@ def run_evaluate(ctx: RunContext) -> dict:
             model = load()
             scorer = Scorer(model)
             for item, fp, measure in todo:
-                done[item] = measure(scorer, model)
-                progress.put(key, item, fp, done[item])
+                if not item.startswith("task."):
+                    done[item] = measure(scorer, model)
+                    progress.put(key, item, fp, done[item])
+            todo_tasks = [(item, fp, task) for item, fp, task in todo if item.startswith("task.")]
+            if todo_tasks:
+                scores = evaluate_tasks(scorer, ctx.tokenizer, [t for _, _, t in todo_tasks], ev.batch_size)
+                for item, fp, task in todo_tasks:
+                    done[item] = scores[task.name]
+                    progress.put(key, item, fp, done[item])
             del model, scorer
             jax.clear_caches()
         entry: dict = {}
