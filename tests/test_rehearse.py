@@ -138,9 +138,9 @@ def test_rehearsal(name, layout, seed, layers, kill_stage, tmp_path):
     """The shipped config as its cluster runs it, with fewer layers: P processes x D fake CPU devices under
     jax.distributed, one process killed at a random moment and the job resumed; trained parameters and logged
     losses against a one-device run, the export in transformers, `generate` / `evaluate` with the config's mesh.
-    Idle 2-core times: 1-3 minutes for the 1 x 8 and 2 x 4 ones, 2-4 for the 4 x 8 ones (every collective through
-    32 gloo ranks). The full-depth runs take 4-20 minutes each: run by hand, figures in
-    benchmarks/results/rehearsals.md."""
+    In the suite (two at a time on 2 cores): ~2-3.5 minutes for the 1 x 8 and 2 x 4 ones, 4-6 for the 4 x 8 ones
+    (four processes compiling the same programs, every collective through 32 gloo ranks). The full-depth runs take
+    4-20 minutes each: run by hand, figures in benchmarks/results/rehearsals.md."""
     r = _rehearse(name, layout, seed, tmp_path / "r", layers)
     assert r["layers"] == layers
     assert r["passed"] and not r["failures"]
