@@ -5,7 +5,7 @@ Six stages, each guarded (a failure is recorded and the next stage still runs), 
      (float32 at "highest" matmul precision as ground truth): outputs and gradients wrt q, k, v, wq, wk, (bq, bk), θ
      with a random cotangent; sw / tk / linear, float32 and bfloat16, T not a multiple of the chunk, T = 1, T < W,
      several segments, a long case (T = 4096)  → correctness.md / .json
-  2. tuning: Pallas hybrid-tk at T = 8192 (B=1, H=32, D=128, F=64, bf16) for a few PallasConfig variants → tuning.md
+  2. tuning: Pallas hybrid-tk launch parameters tuned at the 8B training shape (kernels.lolcats.autotune) → tuning.md
   3. moe: Mixtral's grouped expert dispatch vs its dense definition, and one Mixtral-8x7B layer's experts timed
      (grouped GEMMs vs the dense all-expert product) → moe.md / .json (benchmarks/moe_check.py)
   4. benchmark: `lolcats_jax.bench.attention` with GPU defaults, 8K first, under a time limit → attention_gpu.md/.json
@@ -173,33 +173,27 @@ def _write_correctness(out_dir: str, results: list[dict]) -> None:
     write_text_atomic(os.path.join(out_dir, "correctness.md"), "\n".join(lines) + "\n")
 
 
-TUNING = [PallasConfig(), PallasConfig(num_warps_fwd=8, num_warps_bwd=4), PallasConfig(block_v=128, num_warps_fwd=8),
-          PallasConfig(seg_chunks=32)]  # in this order until the stage's time limit
+def tuning(out_dir: str, max_seconds: float, T: int = 1024) -> None:
+    """`kernels.lolcats.autotune` at the 8B training shape (B=1, H=32, K=8, D=128, F=64, tk 64, bf16, T=1024):
+    coordinate descent from the defaults, forward + backward timed; the choice goes to out_dir/pallas_tuning.json,
+    which the later stages of this process (the model stage) then launch with."""
+    from kernels.lolcats import autotune
 
-
-def tuning(out_dir: str, max_seconds: float, T: int = 8192) -> None:
     shapes = bench.DEFAULTS["gpu"]["shapes"]
     if SMOKE:
-        shapes, T = bench.Shapes(B=1, H=2, D=16, F=8, W=16, dtype="float32"), 256
-    args, ct = bench.make_inputs(shapes, T)
+        shapes, T = bench.Shapes(B=1, H=2, D=16, F=8, W=16, dtype="float32", K=2), 64
+    os.environ[autotune.CACHE_ENV] = os.path.join(out_dir, "pallas_tuning.json")
     spec = LolcatsSpec(window="tk", window_size=shapes.W)
-    lines = [f"# Pallas hybrid-tk configurations at T={T} (B={shapes.B} H={shapes.H} D={shapes.D} F={shapes.F} "
-             f"{shapes.dtype})", "", "| config | fwd ms | fwd+bwd ms |", "|---|---:|---:|"]
-    deadline = time.monotonic() + max_seconds
-    for cfg in TUNING:
-        if time.monotonic() > deadline:
-            lines.append(f"| {cfg} | not run: {max_seconds:.0f} s limit | |")
-            continue
-        fn = functools.partial(pallas_lolcats_attention, spec=spec, config=dataclasses.replace(cfg, interpret=SMOKE))
-        impl = bench.Impl("pallas", "hybrid", lambda q, k, v, fmap, theta, fn=fn: fn(q, k, v, fmap, theta))
-        cells = []
-        for mode in ("fwd", "fwd+bwd"):
-            try:
-                cells.append(f"{bench.time_cell(impl, mode, args, ct, reps=5, budget_s=10)['median_s'] * 1e3:.2f}")
-            except Exception as err:  # noqa: BLE001
-                cells.append(f"failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}")
-        lines.append(f"| {cfg} | {cells[0]} | {cells[1]} |")
-        print(lines[-1], flush=True)
+    res = autotune.tune(spec, shapes.B, T, shapes.H, shapes.kv_heads, shapes.D, shapes.F, None, shapes.dtype,
+                        reps=10, budget_s=max_seconds)
+    lines = [f"# Pallas hybrid-tk launch parameters at T={T} (B={shapes.B} H={shapes.H} K={shapes.kv_heads} "
+             f"D={shapes.D} F={shapes.F} {shapes.dtype}), `kernels.lolcats.autotune`", "",
+             "| config | fwd+bwd ms |", "|---|---:|"]
+    for t in res["trials"]:
+        lines.append(f"| {t['config']} | {t['ms']:.3f} |" if t["ms"] is not None else f"| {t['config']} | failed: {t['error']} |")
+    lines += ["", f"chosen: {res['config']} — {res['ms']:.3f} ms vs {res['default_ms']:.3f} ms with the defaults "
+              f"(key `{res['key']}`)"]
+    print("\n".join(lines), flush=True)
     with open(os.path.join(out_dir, "tuning.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -207,7 +201,7 @@ def tuning(out_dir: str, max_seconds: float, T: int = 8192) -> None:
 STAGES = ("correctness", "tuning", "moe", "bench", "fla", "model")  # in this order
 # Seconds per stage inside gpu_check.sh's `timeout 570` (the device tool allows 600 s a command; the wheel installs
 # and nvidia-smi come first). ~15 s of Python/JAX start-up, then: correctness 110 (its cases most important first),
-# tuning 30 (3-4 Pallas configurations at T=8K), moe ~25 (no limit of its own: planned here), bench 140 (the 8K rows
+# tuning 30 (the defaults and 3-5 alternatives at T=1K; none started after the limit), moe ~25 (no limit of its own: planned here), bench 140 (the 8K rows
 # first, then the extremes), fla 75 (torch + fla import ~10 s and fla's Triton autotuning ~30 s on the first cells,
 # then ~1 s a cell), model 160 (8B init ~10 s, two train-step compiles ~30 s each, then generation cells of ~15-25 s,
 # 32K and 1K first): 540 s, under gpu_check.sh's --total-seconds 550.

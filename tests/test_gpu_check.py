@@ -30,14 +30,25 @@ def _benchmark_module(name: str):
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    """One `--cpu-smoke` run (tuning and bench skipped): (its exit status, status.json, its output directory)."""
+    """One `--cpu-smoke` run (bench skipped; tuning times only the defaults): (its exit status, status.json, its output
+    directory)."""
     out = tmp_path_factory.mktemp("gpu_check") / "out"
     res = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--cpu-smoke", "--out", str(out),
-                          "--skip", "tuning", "bench", "--correctness-seconds", "15"],
+                          "--skip", "bench", "--correctness-seconds", "15", "--tuning-seconds", "0"],
                          cwd=REPO, capture_output=True, text=True, timeout=600, env={**_env(), "PYTHONPATH": str(REPO)})
     status = json.loads((out / "status.json").read_text())
     assert res.returncode == 1, (status, res.stderr[-3000:])  # incomplete stages: never a pass
     return status, out
+
+
+@pytest.mark.slow
+def test_cpu_smoke_tuning_writes_the_cache_the_later_stages_read(smoke):
+    status, out = smoke
+    assert status["tuning"] == "done", status
+    cache = json.loads((out / "pallas_tuning.json").read_text())
+    (key, entry), = cache.items()
+    assert key.startswith("cpu|float32|hybrid/tk16") and entry["default_ms"] > 0
+    assert "chosen:" in (out / "tuning.md").read_text()
 
 
 @pytest.mark.slow

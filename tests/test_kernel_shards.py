@@ -64,7 +64,9 @@ def compiled_pallas():
     compiled = functools.partial(pallas_hybrid.pallas_lolcats_attention, config=pallas_hybrid.PallasConfig(interpret=False))
     register_backend(Backend.PALLAS, lambda *a: compiled(*a), unsupported=pallas_hybrid.unsupported_reason)
     yield
-    register_backend(Backend.PALLAS, pallas_hybrid.lolcats_attention_pallas, unsupported=pallas_hybrid.unsupported_reason)
+    from kernels.lolcats.pallas import lolcats_attention_pallas
+
+    register_backend(Backend.PALLAS, lolcats_attention_pallas, unsupported=pallas_hybrid.unsupported_reason)
 
 
 def _kernel_activation_shapes(text: str) -> set[tuple[int, ...]]:

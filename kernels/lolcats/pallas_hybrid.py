@@ -22,12 +22,11 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from kernels.lolcats.api import register_backend
 from kernels.lolcats.feature_maps import window_factors
 from kernels.lolcats.pallas_hybrid_bwd import backward_call
 from kernels.lolcats.pallas_hybrid_fwd import forward_call
 from kernels.lolcats.pallas_tiles import KernelLayout
-from kernels.lolcats.spec import LINEAR_DENOM_EPS, Backend, FeatureMapParams, LolcatsSpec, kv_group
+from kernels.lolcats.spec import LINEAR_DENOM_EPS, FeatureMapParams, LolcatsSpec, kv_group
 
 MIN_TILE = 16  # Triton tensor-core dots need every tile dim ≥ 16
 
@@ -240,10 +239,3 @@ def _softmax_teacher(q, k, v):
     y = jax.nn.dot_product_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype), is_causal=True)
     return y.astype(q.dtype)
 
-
-def lolcats_attention_pallas(q, k, v, fmap, theta_H, spec):
-    """Backend function `fn(q, k, v, fmap, theta_H, spec) -> y` registered as Backend.PALLAS."""
-    return pallas_lolcats_attention(q, k, v, fmap, theta_H, spec)
-
-
-register_backend(Backend.PALLAS, lolcats_attention_pallas, unsupported=unsupported_reason)
