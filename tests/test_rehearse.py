@@ -114,12 +114,13 @@ def _rehearse(name, layout, seed, out, layers):
 # (config, processes x devices, seed, layers, stage the seed's kill hits): every shipped big config on its cluster's
 # device count, with fewer decoder layers (everything else as the shrink keeps it). The seed picks the stage, the
 # process and the moment (lolcats_jax.rehearse.rehearsal._choose_kill): 8B finetune; 70B process 1 in distill; 70B
-# block-wise a block job; 405B process 1 in finetune; 405B block-wise process 0 in evaluate (resumed from its
-# finished measurements). 405B block-wise keeps its 9-layer blocks: one block here (the 70B block-wise rehearsal
-# runs two block jobs side by side).
+# block-wise a block job; 405B process 3 in export; 405B block-wise process 0 in collect. (Kills in the 4 x 8 jobs'
+# training or evaluate stages pass too — e.g. seed 3 finetune, seed 6 evaluate, benchmarks/results/rehearsals.md —
+# but re-running those stages on 32 gloo ranks costs CI a minute or two each.) 405B block-wise keeps its 9-layer
+# blocks: one block here (the 70B block-wise rehearsal runs two block jobs side by side).
 REHEARSALS = [("llama3_1_8b", "1x8", 1, 4, "finetune"), ("llama3_1_70b", "2x4", 6, 2, "distill"),
-              ("llama3_1_70b_blockwise", "2x4", 3, 10, "distill_block"), ("llama3_1_405b", "4x8", 3, 2, "finetune"),
-              ("llama3_1_405b_blockwise", "4x8", 6, 9, "evaluate")]
+              ("llama3_1_70b_blockwise", "2x4", 3, 10, "distill_block"), ("llama3_1_405b", "4x8", 0, 2, "export"),
+              ("llama3_1_405b_blockwise", "4x8", 2, 9, "collect")]
 
 
 def test_ci_rehearses_every_shipped_big_config():
