@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import functools
 import importlib.metadata
 import json
 import math
@@ -201,8 +200,8 @@ def tuning(out_dir: str, max_seconds: float, T: int = 1024) -> None:
 STAGES = ("correctness", "tuning", "moe", "bench", "fla", "model")  # in this order
 # Seconds per stage inside gpu_check.sh's `timeout 570` (the device tool allows 600 s a command; the wheel installs
 # and nvidia-smi come first). ~15 s of Python/JAX start-up, then: correctness 110 (its cases most important first),
-# tuning 30 (the defaults and 3-5 alternatives at T=1K; none started after the limit), moe ~25 (no limit of its own: planned here), bench 140 (the 8K rows
-# first, then the extremes), fla 75 (torch + fla import ~10 s and fla's Triton autotuning ~30 s on the first cells,
+# tuning 30 (the defaults and 3-5 alternatives at T=1K; none started after the limit), moe ~25 (no limit of its
+# own: planned here), bench 140 (the 8K rows first, then the extremes), fla 75 (torch + fla import ~10 s and fla's Triton autotuning ~30 s on the first cells,
 # then ~1 s a cell), model 160 (8B init ~10 s, two train-step compiles ~30 s each, then generation cells of ~15-25 s,
 # 32K and 1K first): 540 s, under gpu_check.sh's --total-seconds 550.
 MOE_PLANNED_S = 25.0

@@ -182,12 +182,11 @@ def tune(spec: LolcatsSpec, B: int, T: int, H: int, K: int, D: int, F: int, Dv: 
         wq, wk = (jax.random.normal(kk, (H, D, F), jnp.float32) / D**0.5 for kk in ks[3:5])
         theta = jnp.zeros((H,), jnp.float32)
         measure = _timer(spec, (q, k, v, FeatureMapParams(wq, wk, None, None), theta), reps)
-    start = PallasConfig(interpret=None)
-    best, trials = coordinate_descent(start, measure, lambda c: neighbours(c, spec, T, Dv, B * H, interpret), budget_s)
-    ok = [t for t in trials if t.ms is not None]
+    best, trials = coordinate_descent(PallasConfig(), measure, lambda c: neighbours(c, spec, T, Dv, B * H, interpret),
+                                      budget_s)
     entry = {
         "config": {f: getattr(best, f) for f in TUNED_FIELDS},
-        "ms": min(t.ms for t in ok if t.config == best),
+        "ms": next(t.ms for t in trials if t.config == best and t.ms is not None),
         "default_ms": trials[0].ms,
         "trials": [{"config": {f: getattr(t.config, f) for f in TUNED_FIELDS}, "ms": t.ms, "error": t.error} for t in trials],
         "jax": jax.__version__, "when": time.strftime("%Y-%m-%d %H:%M:%S"),

@@ -39,7 +39,7 @@ def task_logliks(scorer: Scorer, tokenizer, task: Task, batch_size: int = 8) -> 
 
 
 def evaluate_task(scorer: Scorer, tokenizer, task: Task, batch_size: int = 8) -> dict:
-    """The task's metrics (see `metrics.task_metrics`) plus its wall time."""
+    """The task's metrics (see `metrics.task_metrics`) plus its scoring seconds."""
     return evaluate_tasks(scorer, tokenizer, [task], batch_size)[task.name]
 
 

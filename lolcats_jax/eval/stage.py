@@ -74,7 +74,7 @@ def run_evaluate(ctx: RunContext) -> dict:
     from lolcats_jax.eval.progress import EvalProgress, fingerprint
     from lolcats_jax.eval.runner import evaluate_tasks
     from lolcats_jax.eval.scoring import Scorer
-    from lolcats_jax.eval.tasks import load_task
+    from lolcats_jax.eval.tasks import Task, load_task
 
     ev = ctx.cfg.evaluate
     chunk = ctx.cfg.distill.data.chunk_size
@@ -87,7 +87,8 @@ def run_evaluate(ctx: RunContext) -> dict:
     for label, key, load in _models(ctx):
         keys[label] = key
         model_fp = _model_fingerprint(ctx, key)
-        # (item, fingerprint, measure) for every measurement of this model
+        # (item, fingerprint, what) for every measurement of this model: `what` measures it, or is a Task that is
+        # scored together with the model's other unfinished tasks in one pass (`evaluate_tasks`)
         items: list = []
         if heldout:
             items.append(("perplexity", fingerprint([model_fp, fingerprint(heldout), chunk]),
@@ -97,21 +98,21 @@ def run_evaluate(ctx: RunContext) -> dict:
                                                         ctx.cfg.distill.batch_size]),
                           lambda scorer, model: _attention_mse(ctx, model)))
         if key in ev.task_models:
-            for task in tasks:  # measured together: one scoring pass over the unfinished tasks (`evaluate_tasks`)
+            for task in tasks:
                 items.append((f"task.{task.name}", fingerprint([model_fp, task.name, len(task.docs), ev.limit, ev.mmlu_limit,
                                                                 ev.mmlu_subjects, ev.mmlu_shots]), task))
         done = {item: progress.get(key, item, fp) for item, fp, _ in items}
-        todo = [(item, fp, measure) for item, fp, measure in items if done[item] is None]
+        todo = [(item, fp, what) for item, fp, what in items if done[item] is None]
         print(f"[evaluate] {label}" + (f" ({len(items) - len(todo)} of {len(items)} measurements from an earlier run)"
                                        if len(todo) < len(items) else ""), file=sys.stderr, flush=True)
         if todo:
             model = load()
             scorer = Scorer(model)
-            for item, fp, measure in todo:
-                if not item.startswith("task."):
-                    done[item] = measure(scorer, model)
+            for item, fp, what in todo:
+                if not isinstance(what, Task):
+                    done[item] = what(scorer, model)
                     progress.put(key, item, fp, done[item])
-            todo_tasks = [(item, fp, task) for item, fp, task in todo if item.startswith("task.")]
+            todo_tasks = [(item, fp, what) for item, fp, what in todo if isinstance(what, Task)]
             if todo_tasks:
                 scores = evaluate_tasks(scorer, ctx.tokenizer, [t for _, _, t in todo_tasks], ev.batch_size)
                 for item, fp, task in todo_tasks:
