@@ -22,7 +22,6 @@ import argparse
 import dataclasses
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ import jax.numpy as jnp
 
 from kernels.lolcats.pallas_hybrid import PallasConfig, make_layout, pallas_lolcats_attention
 from kernels.lolcats.spec import FeatureMapParams, LolcatsSpec
+from kernels.lolcats.timing import random_inputs, time_jitted
 from lolcats_jax.fsio import write_json_atomic
 
 CACHE_ENV = "LOLCATS_PALLAS_TUNING"
@@ -144,6 +144,7 @@ def coordinate_descent(start: PallasConfig, measure: Callable[[PallasConfig], fl
 
 
 def _timer(spec: LolcatsSpec, args, reps: int) -> Callable[[PallasConfig], float]:
+    """Milliseconds of one forward + backward (all differentiable inputs) with a given launch config."""
     q, k, v, fmap, theta = args
 
     def measure(cfg: PallasConfig) -> float:
@@ -152,15 +153,7 @@ def _timer(spec: LolcatsSpec, args, reps: int) -> Callable[[PallasConfig], float
             return jnp.sum(y.astype(jnp.float32))
 
         step = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
-        call = (q, k, v, fmap.wq, fmap.wk, theta)
-        compiled = step.lower(*call).compile()
-        jax.block_until_ready(compiled(*call))  # warm
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            jax.block_until_ready(compiled(*call))
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times) * 1e3
+        return time_jitted(step, (q, k, v, fmap.wq, fmap.wk, theta), reps)["median_s"] * 1e3
 
     return measure
 
@@ -174,14 +167,8 @@ def tune(spec: LolcatsSpec, B: int, T: int, H: int, K: int, D: int, F: int, Dv: 
     interpret = PallasConfig().resolve_interpret()
     key = tuning_key(spec, B, T, H, K, D, Dv, F, dtype)
     if measure is None:
-        ks = jax.random.split(jax.random.PRNGKey(seed), 5)
-        dt = jnp.dtype(dtype)
-        q = jax.random.normal(ks[0], (B, T, H, D), jnp.float32).astype(dt)
-        k = jax.random.normal(ks[1], (B, T, K, D), jnp.float32).astype(dt)
-        v = jax.random.normal(ks[2], (B, T, K, Dv), jnp.float32).astype(dt)
-        wq, wk = (jax.random.normal(kk, (H, D, F), jnp.float32) / D**0.5 for kk in ks[3:5])
-        theta = jnp.zeros((H,), jnp.float32)
-        measure = _timer(spec, (q, k, v, FeatureMapParams(wq, wk, None, None), theta), reps)
+        args, _ = random_inputs(B, T, H, K, D, F, dtype, Dv=Dv, seed=seed)
+        measure = _timer(spec, args, reps)
     best, trials = coordinate_descent(PallasConfig(), measure, lambda c: neighbours(c, spec, T, Dv, B * H, interpret),
                                       budget_s)
     entry = {

@@ -12,7 +12,6 @@ Cells that would not fit (quadratic maps) or run too long are skipped with the r
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import statistics
 import time
@@ -22,7 +21,8 @@ import jax
 import jax.numpy as jnp
 
 from lolcats_jax.bench.output import write_table
-from kernels.lolcats import Backend, FeatureMapParams, LolcatsSpec, lolcats_attention
+from kernels.lolcats import Backend, LolcatsSpec, lolcats_attention
+from kernels.lolcats.timing import random_inputs, time_jitted
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,14 +123,7 @@ def quadratic_bytes(kind: str, mode: str, s: Shapes, T: int) -> float:
 
 
 def make_inputs(s: Shapes, T: int, seed: int = 0):
-    ks = jax.random.split(jax.random.PRNGKey(seed), 6)
-    dt = s.jnp_dtype
-    q = jax.random.normal(ks[0], (s.B, T, s.H, s.D), jnp.float32).astype(dt)
-    k, v = (jax.random.normal(kk, (s.B, T, s.kv_heads, s.D), jnp.float32).astype(dt) for kk in ks[1:3])
-    wq, wk = (jax.random.normal(kk, (s.H, s.D, s.F), jnp.float32) / math.sqrt(s.D) for kk in ks[3:5])
-    theta = jnp.full((s.H,), -2.1972245773362196, jnp.float32)
-    ct = jax.random.normal(ks[5], (s.B, T, s.H, s.D), jnp.float32).astype(dt)
-    return (q, k, v, FeatureMapParams(wq, wk, None, None), theta), ct
+    return random_inputs(s.B, T, s.H, s.kv_heads, s.D, s.F, s.jnp_dtype, seed=seed)
 
 
 def _step_fn(impl: Impl, mode: str):
@@ -147,23 +140,7 @@ def _step_fn(impl: Impl, mode: str):
 def time_cell(impl: Impl, mode: str, args, ct, reps: int, budget_s: float) -> dict:
     """Compile, warm up, then time up to `reps` runs (fewer if they would exceed `budget_s`); returns seconds
     (median, min), compile seconds, memory bytes, number of timed runs."""
-    fn = _step_fn(impl, mode)
-    call_args = args if mode == "fwd" else (*args, ct)
-    t0 = time.perf_counter()
-    compiled = fn.lower(*call_args).compile()
-    compile_s = time.perf_counter() - t0
-    mem = compiled.memory_analysis()
-    mem_bytes = None if mem is None else int(mem.temp_size_in_bytes + mem.output_size_in_bytes)
-    t0 = time.perf_counter()
-    jax.block_until_ready(compiled(*call_args))
-    warm_s = time.perf_counter() - t0
-    times = []
-    for _ in range(max(1, min(reps, int(budget_s / max(warm_s, 1e-9))))):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(*call_args))
-        times.append(time.perf_counter() - t0)
-    return dict(median_s=statistics.median(times), min_s=min(times), compile_s=compile_s, mem_bytes=mem_bytes,
-                runs=len(times))
+    return time_jitted(_step_fn(impl, mode), args if mode == "fwd" else (*args, ct), reps, budget_s)
 
 
 def matmul_peak_tflops(n: int = 8192, reps: int = 10) -> float:
