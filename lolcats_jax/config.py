@@ -166,6 +166,9 @@ class EvalConfig:
     max_perplexity_tokens: int = 8192
     attention_mse_batches: int = 6  # distill validation batches for the attention MSE of linearized models (0: off)
     compare_runs: tuple[str, ...] = ()  # other run dirs whose evaluate results the report puts beside this run's
+    long_context: tuple[str, ...] = ()  # held-out text files for the loss by position over long windows (eval.position_loss)
+    long_context_length: int = 4096  # positions per window (≤ the model's context)
+    long_context_windows: int = 4  # whole windows scored per model, from the start of the files' text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -368,6 +371,9 @@ def validate(cfg: Config, where: str = "<config>") -> None:
         raise ConfigError(f"{where}: finetune.lora.dropout={cfg.finetune.lora.dropout} must be a probability in [0, 1)")
     if cfg.attention.window_size <= 0:
         raise ConfigError(f"{where}: attention.window_size must be positive, got {cfg.attention.window_size}")
+    for key in ("long_context_length", "long_context_windows"):
+        if getattr(cfg.evaluate, key) < 1:
+            raise ConfigError(f"{where}: evaluate.{key}={getattr(cfg.evaluate, key)} must be ≥ 1")
 
 
 def _abs(p: str | None) -> str | None:
@@ -391,6 +397,7 @@ def absolute_paths(cfg: Config) -> Config:
         finetune=r(cfg.finetune, data=_abs_data(cfg.finetune.data)),
         block=r(cfg.block, store=_abs(cfg.block.store)),
         evaluate=r(cfg.evaluate, perplexity=tuple(_abs(p) for p in cfg.evaluate.perplexity),
+                   long_context=tuple(_abs(p) for p in cfg.evaluate.long_context),
                    compare_runs=tuple(_abs(p) for p in cfg.evaluate.compare_runs)),
     )
 

@@ -5,7 +5,7 @@
 # the evaluate and export stages (~1 h). Re-running resumes every part. Extra arguments are config overrides.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
-if [ ! -f data/quality/heldout_news.txt ]; then
+if [ ! -f data/quality/heldout_long.txt ]; then
   python -m lolcats_jax.data.prepare --quality --out data/quality
 fi
 python -m lolcats_jax.train --config configs/smollm2_quality.yaml "$@" "run.stages=[distill,finetune]"

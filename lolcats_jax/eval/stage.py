@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -45,16 +46,36 @@ def _models(ctx: RunContext):
     return out
 
 
+def _text_ids(ctx: RunContext, files, key: str) -> list[int]:
+    ids: list[int] = []
+    for f in files:
+        p = Path(f)
+        if not p.is_file():
+            raise UserError(f"evaluate.{key}: {p} not found")
+        ids += ctx.tokenizer(p.read_text(encoding="utf-8"))["input_ids"]
+    return ids
+
+
 def heldout_ids(ctx: RunContext, max_tokens: int | None = None) -> list[int]:
     """Token ids of the `evaluate.perplexity` files, concatenated, cut to `max_tokens` (default
     `evaluate.max_perplexity_tokens`)."""
-    ids: list[int] = []
-    for f in ctx.cfg.evaluate.perplexity:
-        p = Path(f)
-        if not p.is_file():
-            raise UserError(f"evaluate.perplexity: {p} not found")
-        ids += ctx.tokenizer(p.read_text(encoding="utf-8"))["input_ids"]
+    ids = _text_ids(ctx, ctx.cfg.evaluate.perplexity, "perplexity")
     return ids[: ctx.cfg.evaluate.max_perplexity_tokens if max_tokens is None else max_tokens]
+
+
+def long_context_ids(ctx: RunContext) -> list[int]:
+    """Token ids of the `evaluate.long_context` files: as many as `long_context_windows` whole windows of
+    `long_context_length` + 1 tokens need; a clear error if the model's context or the text is too short."""
+    ev = ctx.cfg.evaluate
+    L, n = ev.long_context_length, ev.long_context_windows
+    if L > ctx.llama_cfg.max_position_embeddings:
+        raise UserError(f"evaluate.long_context_length={L} exceeds the model's context "
+                        f"(max_position_embeddings={ctx.llama_cfg.max_position_embeddings} in {ctx.cfg.model.path})")
+    ids = _text_ids(ctx, ev.long_context, "long_context")
+    if len(ids) < L + 1:
+        raise UserError(f"evaluate.long_context: {list(ev.long_context)} hold {len(ids)} tokens, fewer than one window "
+                        f"of long_context_length + 1 = {L + 1}")
+    return ids[: n * (L + 1)]
 
 
 def _model_fingerprint(ctx: RunContext, key: str) -> dict:
@@ -79,6 +100,7 @@ def run_evaluate(ctx: RunContext) -> dict:
     ev = ctx.cfg.evaluate
     chunk = ctx.cfg.distill.data.chunk_size
     heldout = heldout_ids(ctx) if ev.perplexity else []
+    long_ids = long_context_ids(ctx) if ev.long_context else []
     tasks = [load_task(name, limit=(ev.mmlu_limit or ev.limit) if name == "mmlu" else ev.limit,
                        mmlu_subjects=ev.mmlu_subjects, mmlu_shots=ev.mmlu_shots) for name in ev.tasks]
     progress = EvalProgress(ctx.stage_dir("evaluate"), ctx.is_main, ctx.process_count)
@@ -93,6 +115,9 @@ def run_evaluate(ctx: RunContext) -> dict:
         if heldout:
             items.append(("perplexity", fingerprint([model_fp, fingerprint(heldout), chunk]),
                           lambda scorer, model: _perplexity(scorer, heldout, chunk, ev.batch_size)))
+        if long_ids:
+            items.append(("long_context", fingerprint([model_fp, fingerprint(long_ids), ev.long_context_length]),
+                          lambda scorer, model: _long_context(scorer, long_ids, ev.long_context_length)))
         if key == "distill" and ev.attention_mse_batches > 0:
             items.append(("attention_mse", fingerprint([model_fp, ev.attention_mse_batches, to_dict(ctx.cfg.distill.data),
                                                         ctx.cfg.distill.batch_size]),
@@ -146,6 +171,15 @@ def _perplexity(scorer, ids: list[int], chunk: int, batch_size: int) -> dict:
     return {"ppl": ppl.ppl, "nll": ppl.nll_per_token, "tokens": ppl.n_tokens}
 
 
+def _long_context(scorer, ids: list[int], length: int) -> dict:
+    from lolcats_jax.eval.position_loss import position_loss
+
+    out = position_loss(scorer, ids, length).as_dict()
+    print(f"[evaluate] loss by position: {out['windows']} windows of {length}, mean NLL {out['nll']:.4f}",
+          file=sys.stderr, flush=True)
+    return out
+
+
 def _attention_mse(ctx: RunContext, model) -> dict:
     from lolcats_jax.train.attention_mse import attention_mse
 
@@ -197,6 +231,7 @@ def render_report(ctx: RunContext, summary: dict) -> str:
             lines += ["", "Attention MSE: teacher-forced, per-head outputs before o_proj vs the softmax teacher, on "
                       "the first distillation validation batches (`evaluate.attention_mse_batches`)."]
         lines.append("")
+    lines += _position_table(ctx, models)
     task_names = sorted({t for m in models.values() for t in m.get("tasks", {})})
     if task_names:
         lines += ["## Benchmarks (acc / acc_norm ± standard error, n = documents scored)", ""]
@@ -237,6 +272,33 @@ def render_report(ctx: RunContext, summary: dict) -> str:
         lines.append("")
     lines.append("Plots: `plots/*_loss.png`, `plots/eval_tasks.png`; metrics: `metrics.jsonl`, `tensorboard/`.")
     return "\n".join(lines) + "\n"
+
+
+def _position_table(ctx: RunContext, models: dict) -> list[str]:
+    """Mean NLL per position band of each model, and each linearized model's perplexity there as a multiple of the
+    teacher's (exp of the NLL difference)."""
+    have = {lab: m["long_context"] for lab, m in models.items() if "long_context" in m}
+    if not have:
+        return []
+    first = next(iter(have.values()))
+    teacher = next((v for lab, v in have.items() if lab == "softmax teacher"), None)
+    att = ctx.cfg.attention
+    lines = ["## Loss by position (long context)", "",
+             f"{first['windows']} windows of {first['length']} tokens of `{', '.join(Path(f).name for f in ctx.cfg.evaluate.long_context)}`; "
+             f"mean NLL per token at each band of positions (position t is predicted from t + 1 tokens); in brackets "
+             f"the perplexity there as a multiple of the teacher's. Attention window: {att.window} {att.window_size}"
+             + (" (tk blocks: a query sees its own and the previous block exactly, everything older through the linear "
+                "state)" if att.window == "tk" else "") + ".", "",
+             "| positions | " + " | ".join(have) + " |", "|---|" + "---|" * len(have)]
+    rows = [(f"{lo}–{hi - 1}", i) for i, (lo, hi, _) in enumerate(first["bands"])] + [("all", None)]
+    for name, i in rows:
+        cells = []
+        for lab, v in have.items():
+            nll = v["nll"] if i is None else v["bands"][i][2]
+            ref = None if teacher is None or lab == "softmax teacher" else (teacher["nll"] if i is None else teacher["bands"][i][2])
+            cells.append(f"{nll:.4f}" + (f" ({math.exp(nll - ref):.3f}×)" if ref is not None else ""))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def _by_key(summary: dict) -> dict[str, dict]:

@@ -120,7 +120,7 @@ def shrink_overrides(cfg: Config, *, model_dir: str, data: dict[str, str], run_d
     # tokenizer — minutes per model through 80 layers on 8 CPU devices — and only its length differs)
     out += [f"evaluate.limit={TASK_DOCS}", f"evaluate.mmlu_limit={TASK_DOCS}", "evaluate.mmlu_subjects=1", "evaluate.mmlu_shots=0",
             f"evaluate.attention_mse_batches={min(ev.attention_mse_batches, 1)}", "evaluate.max_perplexity_tokens=128",
-            "evaluate.compare_runs=[]"]
+            "evaluate.compare_runs=[]", "evaluate.long_context=[]"]
     if ev.perplexity:
         out.append(f"evaluate.perplexity=[{data['heldout']}]")
     return out
