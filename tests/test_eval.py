@@ -86,6 +86,21 @@ def test_group_mean_is_unweighted_over_subjects():
     assert res2["acc"] == pytest.approx((1 / 3 + 1) / 2)
 
 
+def test_paired_difference_uses_the_per_document_differences():
+    docs = [tasks.MultipleChoiceDoc.shared("q", ["a", "b"], 0) for _ in range(5)]
+    task = tasks.Task("t", docs, ("acc",))
+    teacher = metrics.task_metrics(task, [{"acc": a} for a in (1.0, 1.0, 0.0, 1.0, 0.0)])
+    model = metrics.task_metrics(task, [{"acc": a} for a in (1.0, 0.0, 0.0, 1.0, 1.0)])
+    assert (teacher["acc_per_doc"], model["acc_per_doc"]) == ("11010", "10011")
+    diff, err = metrics.paired_difference(model["acc_per_doc"], teacher["acc_per_doc"])
+    d = np.array([0, -1, 0, 0, 1], np.float64)  # by hand
+    assert diff == pytest.approx(0.0) and err == pytest.approx(np.std(d, ddof=1) / math.sqrt(5))
+    # agreeing models: a paired error of 0, where their separate errors are ~0.24 each
+    assert metrics.paired_difference("11010", "11010") == (0.0, 0.0) and teacher["acc_stderr"] > 0.2
+    with pytest.raises(ValueError, match="same documents: 3 vs 5"):
+        metrics.paired_difference("110", "11010")
+
+
 class AnswerKeyScorer:
     """Stands in for a model that knows the answers: the gold continuation of each document scores -1, the others
     -1 - 0.1 · (characters), so acc is 1 and acc_norm follows by hand."""

@@ -197,6 +197,14 @@ def test_evaluate_resumes_from_its_finished_measurements(tiny, tmp_path):
         "distill.attention_mse.json", "distill.perplexity.json", "finetune.perplexity.json", "finetune.task.arc_easy.json",
         "teacher.perplexity.json", "teacher.task.arc_easy.json"]
     first = json.loads((run_dir / "evaluate" / "results.json").read_text())["models"]
+    # the report compares the finetuned model with the teacher document by document
+    report = (run_dir / "report.md").read_text()
+    from lolcats_jax.eval.metrics import paired_difference
+
+    want = paired_difference(first["after LoRA finetuning"]["tasks"]["arc_easy"]["acc_per_doc"],
+                             first["softmax teacher"]["tasks"]["arc_easy"]["acc_per_doc"])
+    assert "Paired difference in acc from the softmax teacher" in report
+    assert f"| arc_easy | {want[0]:+.3f} ± " in report and len(first["softmax teacher"]["tasks"]["arc_easy"]["acc_per_doc"]) == 3
     # a marked value: if the re-run measured the teacher's perplexity again, the mark would be gone
     teacher_ppl = parts / "teacher.perplexity.json"
     marked = json.loads(teacher_ppl.read_text())

@@ -49,6 +49,9 @@ def task_metrics(task: Task, per_doc: Sequence[dict[str, float]]) -> dict:
     if len(per_doc) != len(task.docs):
         raise ValueError(f"{task.name}: {len(per_doc)} results for {len(task.docs)} documents")
     out: dict = {"n": len(per_doc)}
+    # each document's acc as "0"/"1" in document order: two models scored on the same documents compare paired
+    # (`paired_difference`), with a much smaller standard error than their two stderrs give
+    out["acc_per_doc"] = "".join("1" if d["acc"] else "0" for d in per_doc)
     if not task.group_mean:
         for m in task.metrics:
             vals = [d[m] for d in per_doc]
@@ -65,6 +68,15 @@ def task_metrics(task: Task, per_doc: Sequence[dict[str, float]]) -> dict:
         out[f"{m}_stderr"] = math.sqrt(sum(e * e for e in group_err)) / len(groups)  # NaN if a group has 1 document
         out[f"{m}_weighted"] = float(np.mean([d[m] for d in per_doc]))
     return out
+
+
+def paired_difference(model: str, reference: str) -> tuple[float, float]:
+    """(mean of model − reference, its standard error) from two per-document 0/1 strings of the same documents:
+    the paired difference d_j ∈ {−1, 0, 1}, stderr = std(d, ddof=1) / √n."""
+    if len(model) != len(reference) or not model:
+        raise ValueError(f"paired difference needs per-document results of the same documents: {len(model)} vs {len(reference)}")
+    d = np.array([int(a) - int(b) for a, b in zip(model, reference)], np.float64)
+    return float(d.mean()), mean_stderr(d)
 
 
 def score_docs(docs: Sequence[MultipleChoiceDoc], logliks: Sequence[Sequence[float]]) -> list[dict[str, float]]:
