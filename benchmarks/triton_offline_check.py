@@ -32,6 +32,7 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_LIMIT = 232448  # bytes of shared memory one block may use on sm_90
 HEADS, KV_HEADS = 32, (32, 8)  # H query heads; K kv heads: multi-head, and grouped-query as Llama-3.1-8B
+HAND_WARPS = int(os.environ.get("LOLCATS_HAND_WARPS", "8"))  # the hand-written kernel's warps: PallasConfig.num_warps_fwd
 
 
 def _kv_tag(K: int) -> str:
@@ -39,7 +40,25 @@ def _kv_tag(K: int) -> str:
     return "" if K == HEADS else f"_K{K}"
 
 
-def dump(out: str) -> None:
+def parse_config(text: str) -> dict:
+    """"fwd=8,bwd=8,bv=32,stages=1" → PallasConfig keyword arguments (any subset; the rest stay default)."""
+    names = {"fwd": "num_warps_fwd", "bwd": "num_warps_bwd", "bv": "block_v", "stages": "num_stages", "seg": "seg_chunks"}
+    out = {}
+    for part in filter(None, text.split(",")):
+        key, _, value = part.partition("=")
+        if key not in names or not value.isdigit():
+            raise SystemExit(f"--configs: {part!r} is not one of {sorted(names)}=N")
+        out[names[key]] = int(value)
+    return out
+
+
+def _config_tag(kw: dict) -> str:
+    """Suffix of the kernels' names for a non-default launch config (none for the defaults)."""
+    short = {"num_warps_fwd": "fwd", "num_warps_bwd": "bwd", "block_v": "bv", "num_stages": "st", "seg_chunks": "seg"}
+    return "".join(f"_{short[k]}{v}" for k, v in sorted(kw.items()))
+
+
+def dump(out: str, configs: list[dict] | None = None) -> None:
     sys.path[:0] = [ROOT, os.path.join(ROOT, "tests", "kernels")]
     import jax
     import jax.numpy as jnp
@@ -68,13 +87,14 @@ def dump(out: str) -> None:
     w = jax.ShapeDtypeStruct((H, D, F), jnp.float32)
     fmap, theta = FeatureMapParams(w, w, None, None), jax.ShapeDtypeStruct((H,), jnp.float32)
     manifest = []
-    for K in KV_HEADS:
+    for cfg_kw, K in itertools.product(configs or [{}], KV_HEADS):
         kv = jax.ShapeDtypeStruct((B, T, K, D), jnp.bfloat16)
+        pcfg = PallasConfig(interpret=False, **cfg_kw)
         for kw in (dict(window="tk"), dict(window="sw"), dict(form="linear")):
             spec = LolcatsSpec(window_size=64, **kw)
 
-            def loss(q, k, v, fmap, theta, spec=spec):
-                y = pallas_lolcats_attention(q, k, v, fmap, theta, spec, PallasConfig(interpret=False))
+            def loss(q, k, v, fmap, theta, spec=spec, pcfg=pcfg):
+                y = pallas_lolcats_attention(q, k, v, fmap, theta, spec, pcfg)
                 return jnp.sum(y.astype(jnp.float32))
 
             modules.clear()
@@ -83,7 +103,7 @@ def dump(out: str) -> None:
                 r'name = "([^"]+)", num_stages = (\d+) : i32, num_warps = (\d+) : i32', text)}
             for asm in modules:
                 module = re.search(r"module @(\S+)", asm).group(1)
-                name = module + _kv_tag(K)
+                name = module + _kv_tag(K) + _config_tag(cfg_kw)
                 path = os.path.join(out, f"{name}.ttir")
                 with open(path, "w") as f:
                     f.write(asm)
@@ -162,7 +182,7 @@ def compile_all(out: str) -> bool:
         types = ["bf16", "bf16", "bf16", "fp32", "fp32", "fp32", "fp32", "fp32", "bf16", "fp32", "fp32"]
         sig = {**dict(zip(fn.arg_names[:11], ["*" + t for t in types])), **{n: "constexpr" for n in const}}
         try:
-            k = triton.compile(ASTSource(fn, sig, const), target=target, options=dict(num_warps=4, num_stages=1))
+            k = triton.compile(ASTSource(fn, sig, const), target=target, options=dict(num_warps=HAND_WARPS, num_stages=1))
             fits = k.metadata.shared <= SHARED_LIMIT
             ok &= fits
             print(f"{'ok  ' if fits else 'FAIL'} triton_hybrid_kernel {form}-{window}{_kv_tag(KH)} "
@@ -207,9 +227,12 @@ def main(argv=None) -> int:
     parser.add_argument("step", choices=["dump", "compile", "all"])
     parser.add_argument("--dir", default="/tmp/lolcats_triton_check")
     parser.add_argument("--triton-python", help="python of the triton environment (step all)")
+    parser.add_argument("--configs", nargs="*", default=None, metavar="fwd=8,bwd=8,bv=32,stages=1",
+                        help="dump the kernels under these launch configs too (a sweep of registers / spills); "
+                             "'' = the defaults")
     args = parser.parse_args(argv)
     if args.step in ("dump", "all"):
-        dump(args.dir)
+        dump(args.dir, [parse_config(c) for c in args.configs] if args.configs is not None else None)
     if args.step == "all":
         python = args.triton_python or sys.executable
         return subprocess.call([python, os.path.abspath(__file__), "compile", "--dir", args.dir])

@@ -97,13 +97,13 @@ def config_for(spec: LolcatsSpec, q_shape, k_shape, v_shape, F: int, dtype) -> P
 def neighbours(cfg: PallasConfig, spec: LolcatsSpec, T: int, Dv: int, batch_heads: int, interpret: bool
                ) -> dict[str, list[PallasConfig]]:
     """Per tuned field, the alternatives to `cfg` worth timing at this shape: the other warp count of each kernel
-    group, value tiles of 64 / 128, half and twice the segment length, two pipeline stages."""
+    group, value tiles of 32 / 64 / 128, half and twice the segment length, two pipeline stages."""
     lay = make_layout(spec, T, 16, Dv, 16, cfg, interpret, batch_heads)  # D, F do not change the segments
     seg, n = lay.seg_chunks, lay.num_chunks
     return {
         "num_warps_fwd": [dataclasses.replace(cfg, num_warps_fwd=w) for w in (4, 8) if w != cfg.num_warps_fwd],
         "num_warps_bwd": [dataclasses.replace(cfg, num_warps_bwd=w) for w in (4, 8) if w != cfg.num_warps_bwd],
-        "block_v": [dataclasses.replace(cfg, block_v=b) for b in (64, 128) if b <= Dv and Dv % b == 0 and b != lay.block_v],
+        "block_v": [dataclasses.replace(cfg, block_v=b) for b in (32, 64, 128) if b <= Dv and Dv % b == 0 and b != lay.block_v],
         "seg_chunks": [dataclasses.replace(cfg, seg_chunks=x) for x in sorted({max(1, seg // 2), min(n, seg * 2)}) if x != seg],
         "num_stages": [dataclasses.replace(cfg, num_stages=x) for x in (1, 2) if x != cfg.num_stages],
     }

@@ -43,14 +43,15 @@ class PallasConfig:
                 SM (B = 1, H = 32, T = 1024 on 132 SMs: 6 segments of 3 chunks, 192 programs instead of 32), and
                 one segment (no state pass) when batch × heads alone does.
     num_warps_fwd / num_warps_bwd / num_stages: Triton compiler parameters (num_stages > 1 pipelines the chunk
-                loads but exceeds the shared memory of an H100 in the backward kernels at D = 128).
+                loads but exceeds the shared memory of an H100 in the backward kernels at D = 128). Forward 8 warps:
+                at Llama-3.1-8B shapes ptxas spills about half as much as with 4 (benchmarks/results/ptxas_sm90.md).
     interpret:  run the kernels in Pallas interpret mode; None → interpret unless the default backend is a GPU.
     """
 
     chunk: int | None = None
     block_v: int | None = None
     seg_chunks: int | None = None
-    num_warps_fwd: int = 4
+    num_warps_fwd: int = 8
     num_warps_bwd: int = 8
     num_stages: int = 1
     interpret: bool | None = None

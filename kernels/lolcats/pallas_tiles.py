@@ -51,7 +51,7 @@ class KernelLayout:
     den_eps: float
     block_v: int
     seg_chunks: int = 16
-    num_warps_fwd: int = 4
+    num_warps_fwd: int = 8
     num_warps_bwd: int = 8
     num_stages: int = 1
 

@@ -28,12 +28,12 @@ def cache(tmp_path, monkeypatch):
 
 
 def _cost_table(cfg: PallasConfig) -> float:
-    """A device where 4 backward warps, 2-chunk segments and 4 forward warps are fastest, two pipeline stages do
-    not compile, and 128-wide value tiles are slower."""
+    """A device where 4 backward warps, 2-chunk segments and 8 forward warps are fastest, two pipeline stages do
+    not compile, and 32- or 128-wide value tiles are slower than 64."""
     if cfg.num_stages == 2:
         raise RuntimeError("out of resource: shared memory, Required: 262144, Hardware limit: 232448")
-    return (10.0 - 3.0 * (cfg.num_warps_bwd == 4) - 2.0 * (cfg.seg_chunks == 2) + 1.0 * (cfg.num_warps_fwd == 8)
-            + 5.0 * (cfg.block_v == 128))
+    return (10.0 - 3.0 * (cfg.num_warps_bwd == 4) - 2.0 * (cfg.seg_chunks == 2) + 1.0 * (cfg.num_warps_fwd == 4)
+            + 5.0 * (cfg.block_v == 128) + 0.5 * (cfg.block_v == 32))
 
 
 def test_coordinate_descent_keeps_what_is_faster_and_skips_what_fails():
@@ -41,17 +41,17 @@ def test_coordinate_descent_keeps_what_is_faster_and_skips_what_fails():
         return autotune.neighbours(cfg, SPEC, 128, 128, B * H, interpret=True)  # 8 chunks of 16, segments of 16 → 8
 
     best, trials = autotune.coordinate_descent(PallasConfig(), _cost_table, alternatives, budget_s=60)
-    # fwd warps 8: slower; bwd warps 4: kept; block_v 128: slower; segments 2 (of 16): kept, 8 tried; 2 stages fail
-    assert (best.num_warps_fwd, best.num_warps_bwd, best.block_v, best.seg_chunks, best.num_stages) == (4, 4, None, 2, 1)
+    # fwd warps 4: slower; bwd warps 4: kept; block_v 32 / 128: slower; segments 2 (of 4): kept, 8 tried; 2 stages fail
+    assert (best.num_warps_fwd, best.num_warps_bwd, best.block_v, best.seg_chunks, best.num_stages) == (8, 4, None, 2, 1)
     timed = {(t.config.num_warps_fwd, t.config.num_warps_bwd, t.config.block_v, t.config.seg_chunks, t.config.num_stages): t
              for t in trials}
     assert trials[0].config == PallasConfig() and trials[0].ms == 10.0
-    assert timed[(8, 8, None, None, 1)].ms == 11.0  # tried, slower: not kept
-    assert timed[(4, 4, None, None, 1)].ms == 7.0  # kept
-    assert timed[(4, 4, 128, None, 1)].ms == 12.0  # value tile 128 tried from the improved point
+    assert timed[(4, 8, None, None, 1)].ms == 11.0  # tried, slower: not kept
+    assert timed[(8, 4, None, None, 1)].ms == 7.0  # kept
+    assert timed[(8, 4, 128, None, 1)].ms == 12.0 and timed[(8, 4, 32, None, 1)].ms == 7.5  # tried from the improved point
     failed = [t for t in trials if t.ms is None]
     assert len(failed) == 1 and failed[0].config.num_stages == 2 and "shared memory" in failed[0].error
-    assert len(trials) == 7 and timed[(4, 4, None, 2, 1)].ms == 5.0 and timed[(4, 4, None, 8, 1)].ms == 7.0
+    assert len(trials) == 8 and timed[(8, 4, None, 2, 1)].ms == 5.0 and timed[(8, 4, None, 8, 1)].ms == 7.0
 
 
 def test_the_backend_runs_with_the_tuned_config_and_stays_exact(cache, monkeypatch):
