@@ -299,7 +299,7 @@ def _task_means(models: dict, labels: list[str], names: list[str]) -> list[str]:
         err = math.sqrt(sum((r.get("acc_stderr") or 0.0) ** 2 for r in rs)) / len(rs)
         cells.append(f"{mean:.3f} ± {_err(err)}" + (f" ({100 * mean / ref:.1f} %)" if ref else ""))
         ref = ref if ref is not None else mean
-    return [f"| mean acc of the {len(plain)} tasks above but MMLU | | " + " | ".join(cells) + " |"]
+    return [f"| mean acc ({', '.join(plain)}) | | " + " | ".join(cells) + " |"]
 
 
 def _paired_table(models: dict, labels: list[str], names: list[str]) -> list[str]:
