@@ -113,6 +113,11 @@ class PerplexityResult:
         return dataclasses.asdict(self)
 
 
+def _batch_multiple(mesh) -> int:
+    """Rows of every batch are a multiple of this: the mesh's batch shards ("data" × "fsdp" × "expert"; 1 without a mesh)."""
+    return 1 if mesh is None else math.prod(int(mesh.shape.get(a, 1)) for a in ("data", "fsdp", "expert"))
+
+
 def _replicated(x: jax.Array) -> jax.Array:
     """`x` replicated on every device of the current mesh (so every process can read it), else unchanged."""
     mesh = jax.sharding.get_abstract_mesh()
@@ -210,7 +215,7 @@ class Scorer:
     def _bucket_shape(self, mesh, batches: list[list[tuple[int, ...]]], by_input, max_rows: int) -> _BucketShape:
         """Rows: a power of two ≤ max_rows (fewer when the bucket holds fewer inputs), then a multiple of the mesh's
         batch axes; scored positions: a power of two (≥ 16) covering the bucket's fullest batch."""
-        multiple = 1 if mesh is None else math.prod(int(mesh.shape.get(a, 1)) for a in ("data", "fsdp", "expert"))
+        multiple = _batch_multiple(mesh)
         n_inputs = sum(len(b) for b in batches)
         U = -(-min(max_rows, bucket(n_inputs, 1)) // multiple) * multiple
         T = self._padded_length(len(batches[0][0]))
@@ -277,7 +282,7 @@ class Scorer:
         return sum(len(requests[i][1]) - 1 for i in ix)
 
     def _shared_shape(self, mesh, batches: list[list[tuple[int, ...]]], groups, requests) -> _SharedShape:
-        multiple = 1 if mesh is None else math.prod(int(mesh.shape.get(a, 1)) for a in ("data", "fsdp", "expert"))
+        multiple = _batch_multiple(mesh)
         up = lambda n, minimum: -(-bucket(n, minimum) // multiple) * multiple  # noqa: E731
         scored = [sum(len(requests[i][1]) for c in b for i in groups[c]) for b in batches]
         M = bucket(max(self._packed_len(requests, groups[c]) for b in batches for c in b), 8)
@@ -403,7 +408,7 @@ class Scorer:
                              f", got lengths {sorted({len(w) for w in windows})}")
         mesh = self.mesh if self.mesh is not None else _current_mesh()
         enter_mesh = self.mesh is not None and _current_mesh() is None
-        multiple = 1 if mesh is None else math.prod(int(mesh.shape.get(a, 1)) for a in ("data", "fsdp", "expert"))
+        multiple = _batch_multiple(mesh)
         T, P = L - 1, -(-(L - 1) // multiple) * multiple
         out = np.zeros((len(windows), T))
         with compat.set_mesh(mesh) if enter_mesh else contextlib.nullcontext():
