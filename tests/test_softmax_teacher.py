@@ -1,6 +1,6 @@
-"""The softmax teacher without (T, T) maps at long T: query-blocked exact softmax equals the dense teacher (values
-and gradients, grouped heads, padding) and a float64 numpy softmax; the compiled distill step at T = 4096 holds no
-(T, T) buffer."""
+"""The softmax teacher in causal query blocks equals a float64 numpy softmax (values) and a plain masked softmax
+(gradients), grouped heads, partial blocks; at long T no (T, T) map exists: blocks are rematerialised and the compiled
+distill step at T = 4096 holds no (T, T) buffer."""
 
 from __future__ import annotations
 
@@ -35,43 +35,60 @@ def _numpy_teacher(q, k, v):
     return np.einsum("bhij,bjhd->bihd", p, v)
 
 
-@pytest.mark.slow
-def test_query_blocks_equal_the_dense_teacher():
-    q, k, v = _inputs()
-    dense = sa._dense_causal(q, k, v)
-    blocked = sa.causal_softmax_attention(q, k, v, query_block=128)  # 700 = 5 blocks + padding
-    np.testing.assert_allclose(np.asarray(blocked), np.asarray(dense), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(blocked), _numpy_teacher(q, k, v), rtol=1e-4, atol=1e-5)
-
-    def loss(fn, q, k, v):
-        return jnp.sum(jnp.sin(fn(q, k, v)))
-
-    g_dense = jax.grad(functools.partial(loss, sa._dense_causal), argnums=(0, 1, 2))(q, k, v)
-    g_block = jax.grad(functools.partial(loss, functools.partial(sa.causal_softmax_attention, query_block=128)),
-                       argnums=(0, 1, 2))(q, k, v)
-    for a, b in zip(g_block, g_dense):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+def _plain_teacher(q, k, v):
+    """A masked (T, T) softmax written out in jnp (differentiable; the independent formula the gradients are
+    checked against)."""
+    B, T, H, D = q.shape
+    G = H // k.shape[2]
+    k, v = jnp.repeat(k, G, axis=2), jnp.repeat(v, G, axis=2)
+    s = jnp.einsum("bihd,bjhd->bhij", q, k) / np.sqrt(D)
+    p = jax.nn.softmax(jnp.where(jnp.tril(jnp.ones((T, T), bool)), s, -jnp.inf), axis=-1)
+    return jnp.einsum("bhij,bjhd->bihd", p, v)
 
 
-def test_causal_blocks_at_training_lengths_equal_numpy():
-    """T ≤ DENSE_MAX_T (the distill teacher): causal query blocks of 128 (the last one partial at T = 300) with
-    unnormalised weights equal a float64 numpy softmax; gradients equal the query-blocked form's."""
-    q, k, v = _inputs(B=2, T=300, H=6, K=2, D=16, seed=1)
-    y = sa.causal_softmax_attention(q, k, v)
-    np.testing.assert_allclose(np.asarray(y), _numpy_teacher(q, k, v), rtol=1e-4, atol=1e-5)
-    loss = lambda fn, q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))  # noqa: E731
-    g = jax.grad(functools.partial(loss, sa.causal_softmax_attention), argnums=(0, 1, 2))(q, k, v)
-    g_ref = jax.grad(functools.partial(loss, functools.partial(sa.causal_softmax_attention, query_block=64)),
-                     argnums=(0, 1, 2))(q, k, v)
+def _check_against_references(fn, q, k, v):
+    np.testing.assert_allclose(np.asarray(fn(q, k, v)), _numpy_teacher(q, k, v), rtol=1e-4, atol=1e-5)
+
+    def loss(f, q, k, v):
+        return jnp.sum(jnp.sin(f(q, k, v)))
+
+    g = jax.grad(functools.partial(loss, fn), argnums=(0, 1, 2))(q, k, v)
+    g_ref = jax.grad(functools.partial(loss, _plain_teacher), argnums=(0, 1, 2))(q, k, v)
     for a, b in zip(g, g_ref):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
-def test_long_sequences_take_the_blocked_path():
+@pytest.mark.slow
+def test_rematerialised_query_blocks_equal_the_plain_softmax():
+    """An explicit query block (rematerialised blocks; 700 = 5 blocks of 128 + a partial one), grouped heads."""
+    q, k, v = _inputs()
+    _check_against_references(functools.partial(sa.causal_softmax_attention, query_block=128), q, k, v)
+
+
+def test_causal_blocks_at_training_lengths_equal_numpy():
+    """T ≤ DENSE_MAX_T (the distill teacher): causal query blocks of 128 (the last one partial at T = 300) with
+    unnormalised weights equal a float64 numpy softmax; gradients equal a plain masked softmax's."""
+    q, k, v = _inputs(B=2, T=300, H=6, K=2, D=16, seed=1)
+    _check_against_references(sa.causal_softmax_attention, q, k, v)
+
+
+def test_long_block_sizes():
+    assert sa.long_block(1025) == sa.CAUSAL_BLOCK
+    assert sa.long_block(4096) == 128 and sa.long_block(4097) == 256 and sa.long_block(8192) == 256
+    assert sa.long_block(32768) == 1024 and -(-32768 // sa.long_block(32768)) <= sa.MAX_BLOCKS
+
+
+def test_long_sequences_take_rematerialised_causal_blocks():
+    """T > DENSE_MAX_T: no (T, T) map, blocks against only the keys up to their last query, and the backward pass
+    recomputes each block (a remat region per block)."""
     q, k, v = _inputs(B=1, T=sa.DENSE_MAX_T + 3, H=2, K=1, D=8)
-    text = jax.jit(sa.causal_softmax_attention).lower(q, k, v).as_text()
     T = q.shape[1]
-    assert f"{T}x{T}" not in text and str(sa.QUERY_BLOCK) in text
+    text = jax.jit(sa.causal_softmax_attention).lower(q, k, v).as_text()
+    assert f"{T}x{T}" not in text
+    blk = sa.long_block(T)
+    assert f"1x1x2x{blk}x{blk}xf32" in text and f"1x1x2x{T - blk * (T // blk)}x{T}xf32" in text
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda q: jnp.sum(sa.causal_softmax_attention(q, k, v))))(q))
+    assert jaxpr.count("remat") + jaxpr.count("checkpoint") >= -(-T // blk)
 
 
 def test_compiled_distill_step_at_4096_has_no_TxT_buffer(smollm2_dir, tmp_path):
@@ -106,4 +123,4 @@ def test_compiled_distill_step_at_4096_has_no_TxT_buffer(smollm2_dir, tmp_path):
     hlo = compiled.as_text()
     square = re.findall(r"\b[a-z0-9]+\[[0-9,]*\b%d,%d\b[0-9,]*\]" % (T, T), hlo)
     assert not square, square[:5]
-    assert re.search(r"\[1,2,2,%d,%d\]" % (sa.QUERY_BLOCK, T), hlo)  # the teacher's (block, T) scores are there
+    assert re.search(r"\[1,2,2,%d,%d\]" % (sa.long_block(T), T), hlo)  # the last block's (block, T) scores
