@@ -72,13 +72,13 @@ def _json_safe(x):
 
 
 def _long_context(scorer, ids: list[int], args, error) -> dict:
-    from lolcats_jax.eval.position_loss import position_loss
+    from lolcats_jax.eval.position_loss import position_loss, window_problem
 
     L = args.long_context_length
-    if L > scorer.max_length:
-        raise error(f"--long-context-length {L} exceeds the model's context ({scorer.max_length} positions)")
-    if len(ids) < L + 1:
-        raise error(f"{args.long_context}: {len(ids)} tokens, fewer than one window of --long-context-length + 1 = {L + 1}")
+    problem = window_problem(len(ids), L, scorer.max_length, length_name=f"--long-context-length {L}",
+                             text_name=str(args.long_context))
+    if problem:
+        raise error(problem)
     return position_loss(scorer, ids, L, args.long_context_windows).as_dict()
 
 

@@ -39,3 +39,14 @@ def test_band_means_are_means_of_their_positions():
     assert res.nll == pytest.approx(np.mean(np.arange(1, 101)) / 100)
     with pytest.raises(ValueError, match="fewer than one window"):
         position_loss(_Fixed(), list(range(50)), 100)
+
+
+def test_window_problem_names_the_callers_setting_and_text():
+    from lolcats_jax.eval.position_loss import window_problem
+
+    kw = dict(length_name="--long-context-length 100", text_name="book.txt")
+    assert window_problem(101, 100, 100, **kw) is None
+    assert window_problem(500, 101, 100, length_name="--long-context-length 101", text_name="book.txt") == \
+        "--long-context-length 101 exceeds the model's context (100 positions)"
+    assert window_problem(100, 100, 2048, **kw) == \
+        "book.txt: 100 tokens, fewer than one window of --long-context-length 100 + 1 = 101"

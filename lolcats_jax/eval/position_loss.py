@@ -49,6 +49,17 @@ def windows_of(token_ids: Sequence[int], length: int, max_windows: int | None = 
     return [ids[i * (length + 1) : (i + 1) * (length + 1)] for i in range(n)]
 
 
+def window_problem(n_tokens: int, length: int, max_positions: int, *, length_name: str, text_name: str) -> str | None:
+    """Why windows of `length` positions cannot be scored from a text of `n_tokens` tokens by a model of
+    `max_positions` positions, or None; the message names the caller's setting (`length_name`, e.g. a flag and its
+    value) and text (`text_name`)."""
+    if length > max_positions:
+        return f"{length_name} exceeds the model's context ({max_positions} positions)"
+    if n_tokens < length + 1:
+        return f"{text_name}: {n_tokens} tokens, fewer than one window of {length_name} + 1 = {length + 1}"
+    return None
+
+
 def position_loss(scorer, token_ids: Sequence[int], length: int, max_windows: int | None = None) -> PositionLoss:
     """Mean NLL per position band of `scorer`'s model (an `eval.scoring.Scorer`) over windows of `token_ids`."""
     windows = windows_of(token_ids, length, max_windows)

@@ -66,15 +66,16 @@ def heldout_ids(ctx: RunContext, max_tokens: int | None = None) -> list[int]:
 def long_context_ids(ctx: RunContext) -> list[int]:
     """Token ids of the `evaluate.long_context` files: as many as `long_context_windows` whole windows of
     `long_context_length` + 1 tokens need; a clear error if the model's context or the text is too short."""
+    from lolcats_jax.eval.position_loss import window_problem
+
     ev = ctx.cfg.evaluate
     L, n = ev.long_context_length, ev.long_context_windows
-    if L > ctx.llama_cfg.max_position_embeddings:
-        raise UserError(f"evaluate.long_context_length={L} exceeds the model's context "
-                        f"(max_position_embeddings={ctx.llama_cfg.max_position_embeddings} in {ctx.cfg.model.path})")
     ids = _text_ids(ctx, ev.long_context, "long_context")
-    if len(ids) < L + 1:
-        raise UserError(f"evaluate.long_context: {list(ev.long_context)} hold {len(ids)} tokens, fewer than one window "
-                        f"of long_context_length + 1 = {L + 1}")
+    problem = window_problem(len(ids), L, ctx.llama_cfg.max_position_embeddings,
+                             length_name=f"evaluate.long_context_length={L}",
+                             text_name=f"evaluate.long_context {list(ev.long_context)}")
+    if problem:
+        raise UserError(f"{problem}; model {ctx.cfg.model.path}")
     return ids[: n * (L + 1)]
 
 
