@@ -121,6 +121,7 @@ def test_full_recipe_and_stage_skipping(tiny, tmp_path):
     assert f"| {run_dir} | distill |" in report
     # the loss by position: every model, two windows of 80, bands 0-63 / 64-79 and their token-weighted mean
     assert "## Loss by position (long context)" in report and "| 64–79 |" in report
+    assert "Training sequences: distill 32, finetune 32 tokens" in report  # the lengths the linear part was fitted to
     for label, m in results["models"].items():
         lc = m["long_context"]
         assert (lc["windows"], lc["length"], [b[:2] for b in lc["bands"]]) == (2, 80, [[0, 64], [64, 80]]), label

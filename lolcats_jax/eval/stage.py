@@ -344,7 +344,10 @@ def _position_table(ctx: RunContext, models: dict) -> list[str]:
              f"mean NLL per token at each band of positions (position t is predicted from t + 1 tokens); in brackets "
              f"the perplexity there as a multiple of the teacher's. Attention window: {att.window} {att.window_size}"
              + (" (tk blocks: a query sees its own and the previous block exactly, everything older through the linear "
-                "state)" if att.window == "tk" else "") + ".", "",
+                "state)" if att.window == "tk" else "")
+             + f". Training sequences: distill {ctx.cfg.distill.data.chunk_size}, finetune "
+             f"{ctx.cfg.finetune.data.chunk_size} tokens (the linear part is fitted to the number of keys it summed "
+             "there; beyond the training length expect it to degrade).", "",
              "| positions | " + " | ".join(have) + " |", "|---|" + "---|" * len(have)]
     rows = [(f"{lo}–{hi - 1}", i) for i, (lo, hi, _) in enumerate(first["bands"])] + [("all", None)]
     for name, i in rows:
