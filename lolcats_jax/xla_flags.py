@@ -17,6 +17,14 @@ log-likelihoods (the batched-scoring defect of the issue tracker). Related upstr
 on the SmolLM2 forward the flag costs nothing measurable). A value the user already gave for that flag is kept.
 `LOLCATS_XLA_CPU_GUARD=0` turns the workaround off (to check whether a new jaxlib still needs it). The flag only
 concerns the CPU backend; GPU and TPU programs are unaffected.
+
+Quick compiles (`LOLCATS_XLA_QUICK_COMPILE=1`, set by the test suite for itself and every process it starts): LLVM
+compiles XLA:CPU's generated kernels without optimisation (`--xla_backend_optimization_level=0
+--xla_llvm_disable_expensive_passes=true`). The HLO passes (fusion, layout, sharding) and the float semantics stay
+the same; only the machine code of the fused elementwise kernels is slower (matmuls run in precompiled libraries).
+Tiny models in tests spend most of their time compiling, so this shortens them by about a third
+(`benchmarks/results/startup_and_suite_cpu.md`); real runs and benchmarks keep the default. Flags the user already
+gave are kept. On GPU the first flag also lowers the optimisation of the PTX XLA emits: leave it off there.
 """
 
 from __future__ import annotations
@@ -28,6 +36,8 @@ import sys
 YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 GUARD = f"{YNN_FLAG}=-reduce"
 DISABLE_ENV = "LOLCATS_XLA_CPU_GUARD"
+QUICK_ENV = "LOLCATS_XLA_QUICK_COMPILE"
+QUICK_FLAGS = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +59,25 @@ def _cpu_backend_started() -> bool:
         return False
 
 
+def quick_compile_enabled() -> bool:
+    return os.environ.get(QUICK_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _add_quick_flags() -> None:
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    for flag in QUICK_FLAGS:
+        name = flag.split("=")[0]
+        if not any(f.split("=")[0] == name for f in flags):
+            flags.append(flag)
+    os.environ["XLA_FLAGS"] = " ".join(flags)
+
+
 def apply() -> bool:
-    """Add the CPU guard to XLA_FLAGS unless disabled or already decided by the user. Returns whether the
-    process's XLA_FLAGS now carry the guard. Warns when JAX's backend already started without it."""
+    """Add the CPU guard to XLA_FLAGS unless disabled or already decided by the user (and the quick-compile flags
+    when LOLCATS_XLA_QUICK_COMPILE asks for them). Returns whether the process's XLA_FLAGS now carry the guard.
+    Warns when JAX's backend already started without it."""
+    if quick_compile_enabled() and not _cpu_backend_started():
+        _add_quick_flags()
     flags = os.environ.get("XLA_FLAGS", "")
     if YNN_FLAG in flags:
         return GUARD in flags.split()

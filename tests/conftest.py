@@ -5,6 +5,9 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Tiny test models spend most of their time compiling: unoptimised LLVM for XLA:CPU's kernels here and in every
+# process the tests start (lolcats_jax.xla_flags; `LOLCATS_XLA_QUICK_COMPILE=0` runs the suite with the default).
+os.environ.setdefault("LOLCATS_XLA_QUICK_COMPILE", "1")
 
 import lolcats_jax  # noqa: E402,F401  (its XLA:CPU correctness flags must be set before JAX starts a backend)
 

@@ -369,7 +369,7 @@ def test_the_xla_guard_is_what_keeps_batches_right():
     assert xla_flags.GUARD in os.environ.get("XLA_FLAGS", "").split()
     jitted, eager = xla_flags.miscompile_probe()
     np.testing.assert_allclose(jitted, eager, rtol=1e-6)
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", xla_flags.QUICK_ENV)}  # as users run it
     env[xla_flags.DISABLE_ENV] = "0"
     res = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=300,
                          cwd=str(Path(__file__).resolve().parent.parent))
@@ -382,6 +382,7 @@ def test_guard_flag_handling(monkeypatch, caplog):
     claiming success) when JAX's backend already started."""
     monkeypatch.setattr(xla_flags, "_cpu_backend_started", lambda: False)
     monkeypatch.delenv(xla_flags.DISABLE_ENV, raising=False)
+    monkeypatch.delenv(xla_flags.QUICK_ENV, raising=False)
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
     assert xla_flags.apply() and os.environ["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=2 {xla_flags.GUARD}"
     assert xla_flags.apply() and os.environ["XLA_FLAGS"].count(xla_flags.YNN_FLAG) == 1  # idempotent
@@ -395,3 +396,28 @@ def test_guard_flag_handling(monkeypatch, caplog):
     with caplog.at_level("WARNING"):
         assert not xla_flags.apply()
     assert "cannot take effect" in caplog.text and "XLA_FLAGS" not in os.environ
+
+
+def test_quick_compile_flags(monkeypatch):
+    """LOLCATS_XLA_QUICK_COMPILE=1 (the suite's setting) adds the unoptimised-LLVM flags beside the guard, once, and
+    keeps a value the user gave; unset, nothing but the guard is added; too late (backend started), nothing."""
+    monkeypatch.setattr(xla_flags, "_cpu_backend_started", lambda: False)
+    monkeypatch.delenv(xla_flags.DISABLE_ENV, raising=False)
+    monkeypatch.setenv(xla_flags.QUICK_ENV, "1")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    assert xla_flags.apply() and xla_flags.apply()
+    assert os.environ["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=2", "--xla_backend_optimization_level=0",
+                                               "--xla_llvm_disable_expensive_passes=true", xla_flags.GUARD]
+    monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=2")
+    xla_flags.apply()
+    assert os.environ["XLA_FLAGS"].split() == ["--xla_backend_optimization_level=2", "--xla_llvm_disable_expensive_passes=true",
+                                               xla_flags.GUARD]
+    monkeypatch.setenv(xla_flags.QUICK_ENV, "0")
+    monkeypatch.delenv("XLA_FLAGS")
+    xla_flags.apply()
+    assert os.environ["XLA_FLAGS"] == xla_flags.GUARD
+    monkeypatch.setenv(xla_flags.QUICK_ENV, "1")
+    monkeypatch.delenv("XLA_FLAGS")
+    monkeypatch.setattr(xla_flags, "_cpu_backend_started", lambda: True)
+    xla_flags.apply()
+    assert "XLA_FLAGS" not in os.environ
