@@ -101,6 +101,51 @@ def test_paired_difference_uses_the_per_document_differences():
         metrics.paired_difference("110", "11010")
 
 
+def _result_file(path, **per_task):
+    """A file as `python -m lolcats_jax.evaluate --out` writes it, from per-document 0/1 strings."""
+    out = {}
+    for name, bits in per_task.items():
+        docs = [tasks.MultipleChoiceDoc.shared("q", ["a", "b"], 0) for _ in bits]
+        out[name] = metrics.task_metrics(tasks.Task(name, docs, ("acc",)), [{"acc": float(b)} for b in bits])
+    path.write_text(json.dumps({"model": "m", "tasks": out}))
+    return str(path)
+
+
+def test_compare_command_pairs_result_files(tmp_path, capsys):
+    """`python -m lolcats_jax.eval.compare`: one model's tasks from several files, the paired differences and their
+    mean against numbers worked out by hand, and clear errors (exit 2) for files that cannot be compared."""
+    from lolcats_jax.eval import compare
+
+    t1 = _result_file(tmp_path / "t1.json", piqa="1100")
+    t2 = _result_file(tmp_path / "t2.json", arc_easy="10101010")
+    s = _result_file(tmp_path / "s.json", piqa="1000", arc_easy="10101011")
+    out = tmp_path / "cmp.md"
+    assert compare.main(["--model", f"teacher={t1},{t2}", "--model", f"student={s}", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert out.read_text() == text
+    # piqa: differences (0, -1, 0, 0): mean -0.25, std 0.5, stderr 0.5 / 2; arc_easy: one +1 in 8: mean 0.125,
+    # std sqrt(7/8 * 1/8 * 8/7) = sqrt(1/8), stderr sqrt(1/8) / sqrt(8) = 0.125
+    assert "| piqa | -0.250 ± 0.250 |" in text and "| arc_easy | +0.125 ± 0.125 |" in text
+    # mean of the two: (-0.25 + 0.125) / 2, stderr sqrt(0.25² + 0.125²) / 2
+    assert f"| mean of 2 | -0.062 ± {math.sqrt(0.25 ** 2 + 0.125 ** 2) / 2:.3f} |" in text
+    # the mean row: teacher (0.5 + 0.5) / 2, student (0.25 + 0.625) / 2 = 87.5 % of it
+    assert "| mean acc (arc_easy, piqa) | | 0.500 ± " in text and "0.438 ± " in text and "(87.5 %)" in text
+
+    short = _result_file(tmp_path / "short.json", piqa="100")
+    assert compare.main(["--model", f"teacher={t1}", "--model", f"student={short}"]) == 2
+    assert "task piqa was scored on different numbers of documents: {'teacher': 4, 'student': 3}" in capsys.readouterr().err
+    assert compare.main(["--model", f"teacher={t1}", "--model", f"student={tmp_path / 'none.json'}"]) == 2
+    assert "none.json: result file not found" in capsys.readouterr().err
+    assert compare.main(["--model", f"teacher={t1},{t1}", "--model", f"student={s}"]) == 2
+    assert "task piqa was already read from another file of the same model" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    assert compare.main(["--model", f"teacher={t1}", "--model", f"student={tmp_path / 'bad.json'}"]) == 2
+    assert "bad.json: expected the JSON that `python -m lolcats_jax.evaluate --out` writes" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        compare.main(["--model", f"teacher={t1}"])
+    assert e.value.code == 2 and "at least two --model" in capsys.readouterr().err
+
+
 class AnswerKeyScorer:
     """Stands in for a model that knows the answers: the gold continuation of each document scores -1, the others
     -1 - 0.1 · (characters), so acc is 1 and acc_norm follows by hand."""

@@ -15,6 +15,7 @@ import jax
 
 from lolcats_jax.config import to_dict
 from lolcats_jax.errors import UserError
+from lolcats_jax.eval.compare import task_tables
 from lolcats_jax.fsio import atomic_path, write_text_atomic
 from lolcats_jax.train.stages import RunContext, attention_source_stage, load_base, load_stage_params, stage_done
 
@@ -242,25 +243,7 @@ def render_report(ctx: RunContext, summary: dict) -> str:
                       f"~100 and telling a 1-point loss from noise needs thousands. For scores that mean something: "
                       f"`python -m lolcats_jax.evaluate --model {ctx.run_dir} --limit 300` (or raise `evaluate.limit`).",
                       ""]
-        lines.append("| task | n | " + " | ".join(labels) + " |")
-        lines.append("|---|---|" + "---|" * len(labels))
-        for t in task_names:
-            cells = []
-            n = None
-            for lab in labels:
-                r = models[lab].get("tasks", {}).get(t)
-                if r is None:
-                    cells.append("–")
-                    continue
-                n = r.get("n")
-                cells.append(" / ".join(f"{r[m]:.3f} ± {_err(r.get(m + '_stderr'))}" for m in ("acc", "acc_norm")
-                                        if r.get(m) is not None))
-            groups = next((m["tasks"][t]["groups"] for m in models.values() if "groups" in m.get("tasks", {}).get(t, {})), None)
-            label = f"{t} ({len(groups)} subjects, {ctx.cfg.evaluate.mmlu_shots}-shot, mean over subjects)" if groups else t
-            lines.append(f"| {label} | {n} | " + " | ".join(cells) + " |")
-        lines += _task_means(models, labels, task_names)
-        lines.append("")
-        lines += _paired_table(models, labels, task_names)
+        lines += task_tables(models, labels, ctx.cfg.evaluate.mmlu_shots)
     lines += _comparison(ctx, summary)
     tr = summary.get("training", {})
     if tr:
@@ -275,59 +258,6 @@ def render_report(ctx: RunContext, summary: dict) -> str:
         lines.append("")
     lines.append("Plots: `plots/*_loss.png`, `plots/eval_tasks.png`; metrics: `metrics.jsonl`, `tensorboard/`.")
     return "\n".join(lines) + "\n"
-
-
-def _plain_tasks(models: dict, names: list[str]) -> list[str]:
-    """The tasks that every model with task scores scored and that are plain means over documents (not MMLU's mean
-    over subjects)."""
-    scored = [m["tasks"] for m in models.values() if m.get("tasks")]
-    return [t for t in names if scored and all(t in ts and "groups" not in ts[t] for ts in scored)]
-
-
-def _task_means(models: dict, labels: list[str], names: list[str]) -> list[str]:
-    """A row with each model's mean acc over the plain tasks, ± √(Σ stderr²) / #tasks, and for the other models the
-    mean as a share of the first model's (the teacher's)."""
-    plain = _plain_tasks(models, names)
-    if len(plain) < 2:
-        return []
-    cells, ref = [], None
-    for lab in labels:
-        if not models[lab].get("tasks"):
-            cells.append("–")
-            continue
-        rs = [models[lab]["tasks"][t] for t in plain]
-        mean = sum(r["acc"] for r in rs) / len(rs)
-        err = math.sqrt(sum((r.get("acc_stderr") or 0.0) ** 2 for r in rs)) / len(rs)
-        cells.append(f"{mean:.3f} ± {_err(err)}" + (f" ({100 * mean / ref:.1f} %)" if ref else ""))
-        ref = ref if ref is not None else mean
-    return [f"| mean acc ({', '.join(plain)}) | | " + " | ".join(cells) + " |"]
-
-
-def _paired_table(models: dict, labels: list[str], names: list[str]) -> list[str]:
-    """Each later model's acc minus the first model's (the teacher's) on the same documents, ± the paired standard
-    error, per task and for the mean over the plain tasks (± √(Σ paired stderr²) / #tasks)."""
-    from lolcats_jax.eval.metrics import paired_difference
-
-    labels = [lab for lab in labels if models[lab].get("tasks")]
-    plain = [t for t in _plain_tasks(models, names) if all("acc_per_doc" in models[lab]["tasks"][t] for lab in labels)]
-    if not plain or len(labels) < 2:
-        return []
-    ref = models[labels[0]]["tasks"]
-    lines = [f"Paired difference in acc from the {labels[0]} (same documents; the standard error is that of the "
-             "per-document differences, which two models that agree on most documents make far smaller than their "
-             "separate standard errors):", "", "| task | " + " | ".join(labels[1:]) + " |", "|---|" + "---|" * (len(labels) - 1)]
-    diffs = {lab: [paired_difference(models[lab]["tasks"][t]["acc_per_doc"], ref[t]["acc_per_doc"]) for t in plain]
-             for lab in labels[1:]}
-    for i, t in enumerate(plain):
-        lines.append(f"| {t} | " + " | ".join(f"{diffs[lab][i][0]:+.3f} ± {_err(diffs[lab][i][1])}" for lab in labels[1:]) + " |")
-    if len(plain) > 1:
-        cells = []
-        for lab in labels[1:]:
-            d = sum(x for x, _ in diffs[lab]) / len(plain)
-            e = math.sqrt(sum(v * v for _, v in diffs[lab])) / len(plain)
-            cells.append(f"{d:+.3f} ± {_err(e)}")
-        lines.append(f"| mean of {len(plain)} | " + " | ".join(cells) + " |")
-    return lines + [""]
 
 
 def _position_table(ctx: RunContext, models: dict) -> list[str]:
@@ -401,10 +331,6 @@ def _comparison(ctx: RunContext, summary: dict) -> list[str]:
 
 def _f(x) -> str:
     return "–" if x is None else f"{x:.4g}"
-
-
-def _err(x) -> str:
-    return "–" if x is None or x != x else f"{x:.3f}"  # NaN: a group of one document
 
 
 def _bar_chart(path: Path, models: dict) -> None:
