@@ -22,7 +22,7 @@ Quick compiles (`LOLCATS_XLA_QUICK_COMPILE=1`, set by the test suite for itself 
 compiles XLA:CPU's generated kernels without optimisation (`--xla_backend_optimization_level=0
 --xla_llvm_disable_expensive_passes=true`). The HLO passes (fusion, layout, sharding) and the float semantics stay
 the same; only the machine code of the fused elementwise kernels is slower (matmuls run in precompiled libraries).
-Tiny models in tests spend most of their time compiling, so this shortens them by about a third
+Tiny models in tests spend most of their time compiling, so this shortens them by a fifth to a third
 (`benchmarks/results/startup_and_suite_cpu.md`); real runs and benchmarks keep the default. Flags the user already
 gave are kept. On GPU the first flag also lowers the optimisation of the PTX XLA emits: leave it off there.
 """
