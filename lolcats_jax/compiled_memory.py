@@ -37,7 +37,7 @@ def fake_devices(n: int) -> None:
 def stage_step_memory(cfg: Config, lc: LlamaConfig, stage: str, devices: int) -> dict:
     """{"argument_bytes", "output_bytes", "temp_bytes", "alias_bytes", "peak_bytes", "compile_s"} per device of the
     `stage` ("distill" or "finetune") train step at the config's shapes on a mesh of `devices` devices."""
-    from lolcats_jax.train.losses import distill_loss, lm_loss
+    from lolcats_jax.train.losses import distill_loss, finetune_loss_fn
     from lolcats_jax.train.optim import make_optimizer
     from lolcats_jax.train.step import batch_sharding, build_steps, split_model
 
@@ -50,7 +50,7 @@ def stage_step_memory(cfg: Config, lc: LlamaConfig, stage: str, devices: int) ->
         loss_fn = functools.partial(distill_loss, mse_factor=sec.mse_factor, xent_factor=sec.xent_factor)
     else:
         filt = nnx.Any(LoraParam, FeatureMapParam, WindowParam) if cfg.finetune.lora.train_attention else LoraParam
-        loss_fn = lm_loss
+        loss_fn = finetune_loss_fn(cfg.finetune)
     split = split_model(model, filt)
     tx = make_optimizer(sec.optim)
     _, train, _, _ = build_steps(split, tx, loss_fn, mesh)

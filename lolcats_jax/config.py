@@ -140,6 +140,11 @@ class FinetuneConfig:
     checkpoint_every: int = 20
     log_every: int = 1
     snapshot_every: int | None = None
+    # loss = xent_factor × next-token cross-entropy + kl_factor × KL(teacher ‖ student) of the next-token
+    # distributions, the teacher being the same base weights with softmax attention and no LoRA (kl_factor > 0 adds
+    # one teacher forward per step)
+    xent_factor: float = 1.0
+    kl_factor: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -367,6 +372,10 @@ def validate(cfg: Config, where: str = "<config>") -> None:
             value = getattr(sec, key)
             if value is not None and value < 1:
                 raise ConfigError(f"{where}: {name}.{key}={value} must be a positive number of steps")
+    f = cfg.finetune
+    if f.xent_factor < 0 or f.kl_factor < 0 or f.xent_factor + f.kl_factor <= 0:
+        raise ConfigError(f"{where}: finetune.xent_factor={f.xent_factor} and finetune.kl_factor={f.kl_factor} must be "
+                          "≥ 0 and not both 0")
     if not 0 <= cfg.finetune.lora.dropout < 1:
         raise ConfigError(f"{where}: finetune.lora.dropout={cfg.finetune.lora.dropout} must be a probability in [0, 1)")
     if cfg.attention.window_size <= 0:

@@ -60,6 +60,8 @@ def test_unknown_section(tmp_path):
         ("distill.optim=3", "distill.optim: expected a mapping"),
         ("nokeyvalue", "must look like key.sub=value"),
         ("finetune.lora.dropout=1.0", "finetune.lora.dropout=1.0 must be a probability"),
+        ("finetune.xent_factor=0", "finetune.xent_factor=0.0 and finetune.kl_factor=0.0 must be ≥ 0 and not both 0"),
+        ("finetune.kl_factor=-1", "finetune.xent_factor=1.0 and finetune.kl_factor=-1.0 must be"),
     ],
 )
 def test_wrong_types_and_values(override, needle):

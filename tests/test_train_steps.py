@@ -194,6 +194,57 @@ def test_lora_step_matches_torch(family_dir):
             assert rel < 1e-4, (t, i, rel)
 
 
+def test_kl_finetune_loss_against_the_transformers_teacher(tiny_dir):
+    """finetune.kl_factor: KL(teacher ‖ student) with transformers' softmax model (no LoRA) as the teacher, worked out
+    in float64 from its logits and ours; its gradient reaches LoRA only through the student (the teacher is constant)."""
+    from lolcats_jax.train.losses import finetune_loss
+
+    cfg = _cfg(tiny_dir)  # linearized layers + one softmax layer, T beyond the window so the linear part counts
+    mesh = make_mesh(MeshShape(1, 1, 1), devices=jax.devices()[:1])
+    tokens = _tokens(2, 24, seed=4)
+    labels = tokens.copy()
+    labels[:, :6] = -100
+    batch = {"input_ids": jnp.asarray(tokens), "labels": jnp.asarray(labels)}
+    with compat.set_mesh(mesh):
+        model = _load(cfg, mesh, lora=cfg.finetune.lora)
+        split = split_model(model, LoraParam)
+        weights = _lora_weights(split, np.random.RandomState(1))
+        loss_of = functools.partial(finetune_loss, xent_factor=0.5, kl_factor=2.0)
+        (loss, metrics), grads = jax.value_and_grad(lambda t: loss_of(split.merge(t), batch), has_aux=True)(weights)
+        student = np.asarray(split.merge(weights)(batch["input_ids"]), np.float64)
+    with torch.no_grad():
+        teacher = _torch_model(tiny_dir)(torch.tensor(tokens, dtype=torch.long)).logits.double().numpy()
+
+    def log_softmax(x):
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    ls, lt = log_softmax(student[:, :-1]), log_softmax(teacher[:, :-1])
+    valid = labels[:, 1:] != -100
+    kl = (np.exp(lt) * (lt - ls)).sum(-1)[valid].mean()
+    nll = -np.take_along_axis(ls, np.where(valid, labels[:, 1:], 0)[..., None], -1)[..., 0][valid].mean()
+    assert kl > 1e-3  # the linear attention and LoRA do move the student off the teacher here
+    np.testing.assert_allclose(float(metrics["kl"]), kl, rtol=1e-4)
+    np.testing.assert_allclose(float(metrics["xent"]), nll, rtol=1e-5)
+    np.testing.assert_allclose(float(loss), 0.5 * nll + 2.0 * kl, rtol=1e-4)
+
+    # the same loss with the teacher's logits as a constant: equal gradients, so nothing flows through the teacher
+    t_logits = jnp.asarray(teacher, jnp.float32)
+    mask = jnp.asarray(valid)
+
+    def const_teacher(t):
+        s = split.merge(t)(batch["input_ids"])[:, :-1]
+        lps, lpt = jax.nn.log_softmax(s, -1), jax.nn.log_softmax(t_logits[:, :-1], -1)
+        kl_t = jnp.sum(jnp.exp(lpt) * (lpt - lps), -1)
+        nll_t = -jnp.take_along_axis(lps, jnp.where(mask, batch["labels"][:, 1:], 0)[..., None], -1)[..., 0]
+        return (0.5 * jnp.sum(nll_t * mask) + 2.0 * jnp.sum(kl_t * mask)) / jnp.sum(mask)
+
+    with compat.set_mesh(mesh):
+        ref_grads = jax.grad(const_teacher)(weights)
+    for k in grads:
+        np.testing.assert_allclose(np.asarray(grads[k]), np.asarray(ref_grads[k]), rtol=2e-3, atol=1e-6, err_msg=k)
+
+
 # Llama and Mixtral (the expert axis) both ways; Qwen2's q/k/v biases on the LoRA step and Qwen3's q/k norms on the
 # distill step — the families share every other sharding rule, and each pair costs ~30-45 s of compilation
 @pytest.mark.parametrize("family_dir,kind", [("llama", "distill"), ("llama", "lora"), ("qwen2", "lora"),

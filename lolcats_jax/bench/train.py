@@ -41,7 +41,7 @@ def _stage_parts(cfg: Config, stage: str):
     from flax import nnx
 
     from lolcats_jax.model.llama import FeatureMapParam, LoraParam, WindowParam
-    from lolcats_jax.train.losses import distill_loss, lm_loss
+    from lolcats_jax.train.losses import distill_loss, finetune_loss_fn
 
     if stage == "distill":
         d = cfg.distill
@@ -49,7 +49,7 @@ def _stage_parts(cfg: Config, stage: str):
         return None, nnx.Any(FeatureMapParam, WindowParam), loss, d.optim
     f = cfg.finetune
     filt = nnx.Any(LoraParam, FeatureMapParam, WindowParam) if f.lora.train_attention else LoraParam
-    return f.lora, filt, lm_loss, f.optim
+    return f.lora, filt, finetune_loss_fn(f), f.optim
 
 
 def build_cell(cfg: Config, model_dir: str, mesh, cell: Cell, base_cache: dict):

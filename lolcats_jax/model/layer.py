@@ -8,10 +8,13 @@ Modes:
               sees the softmax model's hidden stream) and aux holds the per-layer losses of the student
               attention against the teacher (MSE on per-head outputs before o_proj, optional attention xent)
     collect   forward that also returns the layer's input hidden states (aux = {"input": x})
+    teacher   the softmax teacher inside a linearized (and LoRA-adapted) model: softmax attention in every layer,
+              no LoRA; aux = {}
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
@@ -126,8 +129,11 @@ def _attend(q, k, v, fmap, theta_H, *, spec, backend):
 
 
 def make_body(ctx: LayerContext, kind: str, mode: str, **kw) -> Callable[[jax.Array, dict], tuple[jax.Array, Any]]:
-    if mode not in ("forward", "distill", "collect"):
+    if mode not in ("forward", "distill", "collect", "teacher"):
         raise ValueError(f"unknown layer mode {mode!r}")
+    if mode == "teacher":
+        ctx = dataclasses.replace(ctx, lora_targets=())
+        kind = "softmax"
 
     def body(x_BTE: jax.Array, p: dict):
         aux: dict[str, jax.Array] = {}

@@ -318,6 +318,13 @@ class Llama(nnx.Module):
         x, _ = self.run_layers(self.embed_tokens(tokens_BT), positions_BT, lora_dropout_key=lora_dropout_key)
         return self.logits(x)
 
+    def teacher_logits(self, tokens_BT: jax.Array) -> jax.Array:
+        """Logits (B, T, V) in float32 of the softmax teacher held in this model's base weights: softmax attention in
+        every layer, LoRA off (layer mode "teacher"). No gradient flows through them."""
+        positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1], dtype=jnp.int32), tokens_BT.shape)
+        x, _ = self.run_layers(self.embed_tokens(tokens_BT), positions_BT, mode="teacher")
+        return jax.lax.stop_gradient(self.logits(x))
+
 
 @dataclasses.dataclass(frozen=True)
 class LayerContext:

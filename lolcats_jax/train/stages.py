@@ -24,7 +24,7 @@ from lolcats_jax.model.llama import FeatureMapParam, Llama, LoraParam, WindowPar
 from lolcats_jax.model.llama_config import LlamaConfig
 from lolcats_jax.train.ckpt import load_params, save_params
 from lolcats_jax.train.loop import LoopConfig, train_loop
-from lolcats_jax.train.losses import distill_loss, lm_loss
+from lolcats_jax.train.losses import distill_loss, finetune_loss_fn
 from lolcats_jax.train.step import path_key, split_model
 
 
@@ -195,4 +195,4 @@ def run_finetune(ctx: RunContext) -> dict:
     if ctx.cfg.attention.kind == "lolcats":
         load_stage_params(ctx, model, attention_source_stage(ctx))
     filt = nnx.Any(LoraParam, FeatureMapParam, WindowParam) if f.lora.train_attention else LoraParam
-    return _train_stage(ctx, "finetune", f, model, filt, lm_loss)
+    return _train_stage(ctx, "finetune", f, model, filt, finetune_loss_fn(f))
