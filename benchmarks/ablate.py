@@ -41,6 +41,7 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "lora:lr_1e-3": ("finetune.optim.lr=0.001",),
     "lora:rank_16": ("finetune.lora.rank=16", "finetune.lora.alpha=32"),
     "lora:qkvo_mlp": ("finetune.lora.targets=[q,k,v,o,gate,up,down]",),
+    "lora:kl": ("finetune.xent_factor=0", "finetune.kl_factor=1"),  # KL to the softmax teacher instead of the text
     # the paper's LoRA data (Alpaca-format records) instead of the base config's plain text: on 2026-12-04 (then the
     # base) it made held-out news perplexity worse, 1.61x -> 2.04x, where plain text gave 1.41x (quality_smollm2.md)
     "lora:alpaca": ("finetune.data.format=alpaca", "finetune.data.train=[data/quality/alpaca_train.jsonl]",
