@@ -59,6 +59,14 @@ def main(argv=None) -> int:
     if teacher is None:
         return 1
     rows: dict[str, dict] = {}
+    json_path = args.out.with_suffix(".json")
+    if json_path.exists():  # rows of an earlier invocation with the same setup are kept (one table per setup)
+        old = json.loads(json_path.read_text())
+        if old.get("setup") != _setup(args):
+            print(f"error: {json_path} holds a sweep of another setup ({old.get('setup')}, this one: {_setup(args)}); "
+                  "give a new --out and --runs", file=sys.stderr)
+            return 2
+        rows = old.get("rows", {})
     for w in windows:
         run_dir = args.runs / f"w{w}"
         over = [f"run.dir={run_dir}", "run.stages=[distill]", f"attention.window_size={w}",
@@ -115,7 +123,7 @@ def _markdown(args, teacher: dict, rows: dict) -> str:
              "|---:|---:|" + "---:|" * len(cols) + "---:|---:|",
              "| teacher (NLL) | | " + " | ".join(f"{_band_nll(t_bands, lo, hi):.3f}" for lo, hi in cols)
              + f" | {teacher['long_context']['nll']:.3f} | {teacher['perplexity']['ppl']:.2f} |"]
-    for r in rows.values():
+    for r in sorted(rows.values(), key=lambda r: r["window"]):
         mult = [math.exp(_band_nll(r["bands"], lo, hi) - _band_nll(t_bands, lo, hi)) for lo, hi in cols]
         lines.append(f"| {r['window']} | {r['tokens_per_s']:.0f} | " + " | ".join(f"{m:.3f}×" for m in mult)
                      + f" | {math.exp(r['nll'] - teacher['long_context']['nll']):.3f}× | {r['ppl']:.2f} "
@@ -123,12 +131,15 @@ def _markdown(args, teacher: dict, rows: dict) -> str:
     return "\n".join(lines)
 
 
+def _setup(args) -> dict:
+    return {"base": args.base.name, "chunk": args.chunk, "steps": args.steps, "lc_windows": args.lc_windows,
+            "ppl_tokens": args.ppl_tokens}
+
+
 def _write(args, teacher: dict, rows: dict) -> None:
     from lolcats_jax.fsio import write_text_atomic
 
-    setup = {"base": args.base.name, "chunk": args.chunk, "steps": args.steps, "lc_windows": args.lc_windows,
-             "ppl_tokens": args.ppl_tokens}
-    write_text_atomic(args.out.with_suffix(".json"), json.dumps({"setup": setup, "teacher": teacher, "rows": rows}, indent=1))
+    write_text_atomic(args.out.with_suffix(".json"), json.dumps({"setup": _setup(args), "teacher": teacher, "rows": rows}, indent=1))
     write_text_atomic(args.out.with_suffix(".md"), _markdown(args, teacher, rows) + "\n")
 
 

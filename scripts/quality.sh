@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The quality run (issue 14): builds the environment and the larger corpora, trains configs/smollm2_quality.yaml
-# (distill + LoRA, ~2 h on 2 idle CPU cores), scores the run's snapshots for the quality-vs-tokens curve while they
+# (distill + LoRA, ~1 h 40 min on 2 idle CPU cores), scores the run's snapshots for the quality-vs-tokens curve while they
 # exist (held-out perplexity only: the short tasks score the same at every point, see quality_smollm2.md), then runs
 # the evaluate and export stages (~1 h). Re-running resumes every part. Extra arguments are config overrides.
 set -euo pipefail
