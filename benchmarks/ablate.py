@@ -52,7 +52,7 @@ VARIANTS: dict[str, tuple[str, ...]] = {
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--base", type=Path, default=ROOT / "configs" / "smollm2_quality.yaml")
-    ap.add_argument("--steps", type=int, default=200, help="distill steps per variant (200 × 1024 = 205K tokens)")
+    ap.add_argument("--steps", type=int, default=200, help="distill steps per variant (of the base config's distill.data.chunk_size tokens)")
     ap.add_argument("--ft-steps", type=int, default=50, help="LoRA steps of the lora: variants")
     ap.add_argument("--tasks", default="arc_easy,hellaswag,piqa")
     ap.add_argument("--limit", type=int, default=100)

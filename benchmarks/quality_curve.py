@@ -1,14 +1,14 @@
 """Quality against training tokens: score the parameter snapshots of a run on a fixed evaluation subset.
 
     python benchmarks/quality_curve.py --run runs/smollm2_quality [--tasks arc_easy,hellaswag,piqa] [--limit 100]
-        [--ppl-tokens 8192] [--out benchmarks/results/quality_curve_smollm2]
+        [--ppl-tokens 8192] [--ppl-chunk 1024] [--out benchmarks/results/quality_curve_smollm2]
 
 The run's stages must have been trained with `snapshot_every` (configs/smollm2_quality.yaml sets it): every N-th
 step's trainable parameters are under `<run>/<stage>/snapshots/<step>`. Points, in token order: the softmax teacher
 (a reference line), the freshly linearized model (step 0: initial feature maps), every distill snapshot, the distill
 result the later stages use (`distill/final`, the best evaluated step), every LoRA snapshot on top of that result,
 and `finetune/final`. Each point is the held-out perplexity of the first `--ppl-tokens` tokens of the config's
-`evaluate.perplexity` files (chunks of the distill chunk size) and accuracy on the first `--limit` documents of each
+`evaluate.perplexity` files (windows of `--ppl-chunk` tokens, by default those of the evaluate stage) and accuracy on the first `--limit` documents of each
 task. Writes `<out>.json` (rewritten atomically after every point: a re-run on the same run scores only the missing
 points) and `<out>.png`, and prints a markdown table.
 """
@@ -81,6 +81,8 @@ def main(argv=None) -> int:
                     help="comma-separated tasks scored at every point; '' for perplexity only")
     ap.add_argument("--limit", type=int, default=100, help="documents per task (the first N: the same every point)")
     ap.add_argument("--ppl-tokens", type=int, default=8192)
+    ap.add_argument("--ppl-chunk", type=int, default=None,
+                    help="tokens per perplexity window (default: the run config's evaluate.perplexity_chunk_len, else its distill chunk size)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--only", default=None, metavar="NAME,…",
                     help="score only these points (e.g. teacher,distill:final: benchmarks/ablate.py)")
@@ -90,7 +92,7 @@ def main(argv=None) -> int:
     import jax
 
     from lolcats_jax import compat
-    from lolcats_jax.config import load_config
+    from lolcats_jax.config import load_config, perplexity_chunk_len
     from lolcats_jax.eval.runner import evaluate_tasks
     from lolcats_jax.eval.scoring import Scorer
     from lolcats_jax.eval.stage import heldout_ids
@@ -112,12 +114,13 @@ def main(argv=None) -> int:
     if not ids:
         print(f"error: {args.run}/config.yaml: evaluate.perplexity names no held-out text", file=sys.stderr)
         return 2
+    ppl_chunk = args.ppl_chunk or perplexity_chunk_len(cfg)
     tasks = [load_task(name, limit=args.limit) for name in args.tasks.split(",") if name.strip()]
 
     json_path = args.out.with_suffix(".json")
     done = json.loads(json_path.read_text()) if json_path.exists() else {}
     setup = {"run": str(args.run), "run_content": _run_fingerprint(args.run), "tasks": args.tasks, "limit": args.limit,
-             "ppl_tokens": len(ids)}
+             "ppl_tokens": len(ids), "ppl_chunk": ppl_chunk}
     results: dict = done.get("points", {}) if done.get("setup") == setup else {}
     cache: dict = {}
     models: dict = {}
@@ -139,7 +142,7 @@ def main(argv=None) -> int:
             if point.get("lora"):
                 load_params_into(model, Path(point["lora"]))
             scorer = Scorer(model)
-            ppl = scorer.perplexity(ids, cfg.distill.data.chunk_size, None, args.batch_size)
+            ppl = scorer.perplexity(ids, ppl_chunk, None, args.batch_size)
             accs = evaluate_tasks(scorer, tok, tasks, args.batch_size)
             results[point["name"]] = {
                 "tokens": point["tokens"], "kind": kind, "ppl": ppl.ppl,

@@ -169,6 +169,7 @@ class EvalConfig:
     perplexity: tuple[str, ...] = ()  # held-out text files
     task_models: tuple[str, ...] = ("teacher", "distill", "finetune")  # which models the benchmark tasks score
     max_perplexity_tokens: int = 8192
+    perplexity_chunk_len: int | None = None  # tokens per perplexity window; None: distill.data.chunk_size
     attention_mse_batches: int = 6  # distill validation batches for the attention MSE of linearized models (0: off)
     compare_runs: tuple[str, ...] = ()  # other run dirs whose evaluate results the report puts beside this run's
     long_context: tuple[str, ...] = ()  # held-out text files for the loss by position over long windows (eval.position_loss)
@@ -351,6 +352,11 @@ _CHOICES = {
 }
 
 
+def perplexity_chunk_len(cfg: Config) -> int:
+    """Tokens per held-out perplexity window: evaluate.perplexity_chunk_len, else the distill sequence length."""
+    return cfg.evaluate.perplexity_chunk_len or cfg.distill.data.chunk_size
+
+
 def validate(cfg: Config, where: str = "<config>") -> None:
     for (section, key), choices in _CHOICES.items():
         value = getattr(getattr(cfg, section), key)
@@ -380,6 +386,8 @@ def validate(cfg: Config, where: str = "<config>") -> None:
         raise ConfigError(f"{where}: finetune.lora.dropout={cfg.finetune.lora.dropout} must be a probability in [0, 1)")
     if cfg.attention.window_size <= 0:
         raise ConfigError(f"{where}: attention.window_size must be positive, got {cfg.attention.window_size}")
+    if cfg.evaluate.perplexity_chunk_len is not None and cfg.evaluate.perplexity_chunk_len < 1:
+        raise ConfigError(f"{where}: evaluate.perplexity_chunk_len={cfg.evaluate.perplexity_chunk_len} must be ≥ 1 (or null)")
     for key in ("long_context_length", "long_context_windows"):
         if getattr(cfg.evaluate, key) < 1:
             raise ConfigError(f"{where}: evaluate.{key}={getattr(cfg.evaluate, key)} must be ≥ 1")

@@ -7,6 +7,7 @@
 """
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -240,6 +241,18 @@ def test_evaluate_resumes_from_its_finished_measurements(tiny, tmp_path):
     after = {p.name: p.read_text() for p in parts.iterdir()}
     changed = {n for n in after if after[n] != before.get(n)}
     assert changed == {"finetune.perplexity.json", "finetune.task.arc_easy.json"}, changed
+    # perplexity windows of evaluate.perplexity_chunk_len tokens instead of the distill length (32): the perplexities
+    # are measured again in 16-token windows, nothing else
+    res = subprocess.run(_train_cmd(over + ["evaluate.max_perplexity_tokens=256", "evaluate.perplexity_chunk_len=16"],
+                                    stage="evaluate"), env=_env(), cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    fourth = json.loads((run_dir / "evaluate" / "results.json").read_text())["models"]
+    changed = {n for n, text in ((p.name, p.read_text()) for p in parts.iterdir()) if text != after[n]}
+    assert changed == {"teacher.perplexity.json", "distill.perplexity.json", "finetune.perplexity.json"}, changed
+    for label, m in fourth.items():
+        assert m["perplexity"]["windows"] == math.ceil(m["perplexity"]["tokens"] / 16), m["perplexity"]
+        assert m["perplexity"]["tokens"] == third[label]["perplexity"]["tokens"]
+    assert "Non-overlapping windows of 16 tokens" in (run_dir / "report.md").read_text()
 
 
 @pytest.mark.slow

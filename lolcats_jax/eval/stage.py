@@ -13,7 +13,7 @@ from pathlib import Path
 
 import jax
 
-from lolcats_jax.config import to_dict
+from lolcats_jax.config import perplexity_chunk_len, to_dict
 from lolcats_jax.errors import UserError
 from lolcats_jax.eval.compare import task_tables
 from lolcats_jax.fsio import atomic_path, write_text_atomic
@@ -100,7 +100,7 @@ def run_evaluate(ctx: RunContext) -> dict:
     from lolcats_jax.eval.tasks import Task, load_task
 
     ev = ctx.cfg.evaluate
-    chunk = ctx.cfg.distill.data.chunk_size
+    chunk = perplexity_chunk_len(ctx.cfg)
     heldout = heldout_ids(ctx) if ev.perplexity else []
     long_ids = long_context_ids(ctx) if ev.long_context else []
     tasks = [load_task(name, limit=(ev.mmlu_limit or ev.limit) if name == "mmlu" else ev.limit,
@@ -170,7 +170,7 @@ def run_evaluate(ctx: RunContext) -> dict:
 
 def _perplexity(scorer, ids: list[int], chunk: int, batch_size: int) -> dict:
     ppl = scorer.perplexity(ids, chunk, None, batch_size)
-    return {"ppl": ppl.ppl, "nll": ppl.nll_per_token, "tokens": ppl.n_tokens}
+    return {"ppl": ppl.ppl, "nll": ppl.nll_per_token, "tokens": ppl.n_tokens, "windows": ppl.n_windows}
 
 
 def _long_context(scorer, ids: list[int], length: int) -> dict:
@@ -221,7 +221,8 @@ def render_report(ctx: RunContext, summary: dict) -> str:
     lines += [f"Attention: {ctx.cfg.attention.kind} ({ctx.cfg.attention.window}, W={ctx.cfg.attention.window_size}, "
               f"{ctx.cfg.attention.feature_map}, F={ctx.cfg.attention.feature_dim}).", ""]
     if any("perplexity" in m for m in models.values()):
-        lines += ["## Held-out perplexity", "",
+        lines += ["## Held-out perplexity", "", f"Non-overlapping windows of {perplexity_chunk_len(ctx.cfg)} tokens "
+                  "(`evaluate.perplexity_chunk_len`), the context reset at each.", "",
                   "| model | perplexity | NLL/token | tokens | attention MSE (mean over layers) |", "|---|---|---|---|---|"]
         for lab in labels:
             p = models[lab].get("perplexity")
