@@ -61,7 +61,7 @@ def test_unknown_section(tmp_path):
         ("nokeyvalue", "must look like key.sub=value"),
         ("finetune.lora.dropout=1.0", "finetune.lora.dropout=1.0 must be a probability"),
         ("finetune.xent_factor=0", "finetune.xent_factor=0.0 and finetune.kl_factor=0.0 must be ≥ 0 and not both 0"),
-        ("evaluate.perplexity_chunk_len=0", "evaluate.perplexity_chunk_len=0 must be ≥ 1 (or null)"),
+        ("evaluate.perplexity_chunk_len=0", "evaluate.perplexity_chunk_len=0 must be ≥ 1"),
         ("finetune.kl_factor=-1", "finetune.xent_factor=1.0 and finetune.kl_factor=-1.0 must be"),
     ],
 )
