@@ -145,7 +145,8 @@ def run(cfg: Config, model_dir: str, cells: list[Cell], reps: int, *, max_second
                        feature_dim=cfg.attention.feature_dim, param_dtype=cfg.model.param_dtype,
                        compute_dtype=cfg.model.compute_dtype, remat=cfg.model.remat, mesh=dict(mesh.shape),
                        xent_factor=cfg.distill.xent_factor, lora_targets=list(cfg.finetune.lora.targets),
-                       lora_rank=cfg.finetune.lora.rank, reps=reps),
+                       lora_rank=cfg.finetune.lora.rank, reps=reps,
+                       finetune_loss={"xent_factor": cfg.finetune.xent_factor, "kl_factor": cfg.finetune.kl_factor}),
         "machine": dict(backend=jax.default_backend(), devices=len(jax.devices()), cpus=os.cpu_count(),
                         jax=jax.__version__, python=platform.python_version(),
                         load_before=load_before, load_after=_load(),
@@ -169,7 +170,8 @@ def to_markdown(result: dict) -> str:
     c, m = result["config"], result["machine"]
     head = (f"Train steps of `{c['model']}` ({c['attention']} attention, window {c['window_size']}, feature dim "
             f"{c['feature_dim']}, params {c['param_dtype']} / compute {c['compute_dtype']}, remat {c['remat']}, "
-            f"distill xent_factor {c['xent_factor']}, LoRA r={c['lora_rank']} on {','.join(c['lora_targets'])}) on "
+            f"distill xent_factor {c['xent_factor']}, LoRA r={c['lora_rank']} on {','.join(c['lora_targets'])}"
+            + "".join(f", finetune {k} {v}" for k, v in c.get("finetune_loss", {}).items()) + ") on "
             f"{m['devices']} {m['backend']} device(s), {m['cpus']} CPUs, jax {m['jax']}; mesh {c['mesh']}; median of "
             f"{c['reps']} timed steps after one warm step. Load average (1, 5, 15 min) before {m['load_before']}, "
             f"after {m['load_after']}. GLIBC_TUNABLES={m.get('glibc_tunables') or '(unset)'}.")
