@@ -54,10 +54,6 @@ def main(argv=None) -> int:
     scoring = ["--perplexity", base.evaluate.perplexity[0], "--ppl-chunk-len", "1024", "--ppl-max-tokens",
                str(args.ppl_tokens), "--long-context", base.evaluate.long_context[0], "--long-context-length",
                str(args.chunk), "--long-context-windows", str(args.lc_windows)]
-    args.runs.mkdir(parents=True, exist_ok=True)
-    teacher = _score(base.model.path, args.runs / "teacher.json", scoring, env)
-    if teacher is None:
-        return 1
     rows: dict[str, dict] = {}
     json_path = args.out.with_suffix(".json")
     if json_path.exists():  # rows of an earlier invocation with the same setup are kept (one table per setup)
@@ -67,6 +63,10 @@ def main(argv=None) -> int:
                   "give a new --out and --runs", file=sys.stderr)
             return 2
         rows = old.get("rows", {})
+    args.runs.mkdir(parents=True, exist_ok=True)
+    teacher = _score(base.model.path, args.runs / "teacher.json", scoring, env)
+    if teacher is None:
+        return 1
     for w in windows:
         run_dir = args.runs / f"w{w}"
         over = [f"run.dir={run_dir}", "run.stages=[distill]", f"attention.window_size={w}",
