@@ -1,7 +1,7 @@
 """Quality against training tokens: score the parameter snapshots of a run on a fixed evaluation subset.
 
     python benchmarks/quality_curve.py --run runs/smollm2_quality [--tasks arc_easy,hellaswag,piqa] [--limit 100]
-        [--ppl-tokens 8192] [--ppl-chunk 1024] [--out benchmarks/results/quality_curve_smollm2]
+        [--ppl-tokens 8192] [--ppl-chunk 1024] [--long-windows 4] [--out benchmarks/results/quality_curve_smollm2]
 
 The run's stages must have been trained with `snapshot_every` (configs/smollm2_quality.yaml sets it): every N-th
 step's trainable parameters are under `<run>/<stage>/snapshots/<step>`. Points, in token order: the softmax teacher
@@ -9,14 +9,19 @@ step's trainable parameters are under `<run>/<stage>/snapshots/<step>`. Points, 
 result the later stages use (`distill/final`, the best evaluated step), every LoRA snapshot on top of that result,
 and `finetune/final`. Each point is the held-out perplexity of the first `--ppl-tokens` tokens of the config's
 `evaluate.perplexity` files (windows of `--ppl-chunk` tokens, by default those of the evaluate stage) and accuracy on the first `--limit` documents of each
-task. Writes `<out>.json` (rewritten atomically after every point: a re-run on the same run scores only the missing
+task. With `--long-windows N`, each point also gets the loss by position over N windows of the config's
+`evaluate.long_context` text (`evaluate.long_context_length` positions each): the curve then shows, beside the
+perplexity, the perplexity beyond position 1,024 as a multiple of the teacher's there — what a model trained at a
+long length gains in the range that 1K-window perplexity never reaches. Writes `<out>.json` (rewritten atomically after every point: a re-run on the same run scores only the missing
 points) and `<out>.png`, and prints a markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -83,6 +88,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ppl-tokens", type=int, default=8192)
     ap.add_argument("--ppl-chunk", type=int, default=None,
                     help="tokens per perplexity window (default: the run config's evaluate.perplexity_chunk_len, else its distill chunk size)")
+    ap.add_argument("--long-windows", type=int, default=0, metavar="N",
+                    help="also score the loss by position over N windows of evaluate.long_context (0: off)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--only", default=None, metavar="NAME,…",
                     help="score only these points (e.g. teacher,distill:final: benchmarks/ablate.py)")
@@ -95,7 +102,9 @@ def main(argv=None) -> int:
     from lolcats_jax.config import load_config, perplexity_chunk_len
     from lolcats_jax.eval.runner import evaluate_tasks
     from lolcats_jax.eval.scoring import Scorer
-    from lolcats_jax.eval.stage import heldout_ids
+    from lolcats_jax.eval.position_loss import position_loss
+    from lolcats_jax.eval.stage import heldout_ids, long_context_ids
+    from lolcats_jax.errors import UserError
     from lolcats_jax.eval.tasks import load_task
     from lolcats_jax.fsio import write_text_atomic
     from lolcats_jax.model.llama_config import LlamaConfig
@@ -115,12 +124,34 @@ def main(argv=None) -> int:
         print(f"error: {args.run}/config.yaml: evaluate.perplexity names no held-out text", file=sys.stderr)
         return 2
     ppl_chunk = args.ppl_chunk or perplexity_chunk_len(cfg)
+    long_ids: list[int] = []
+    if args.long_windows < 0:
+        print(f"error: --long-windows {args.long_windows}: expected ≥ 0", file=sys.stderr)
+        return 2
+    if args.long_windows:
+        if not cfg.evaluate.long_context:
+            print(f"error: --long-windows {args.long_windows}: {args.run}/config.yaml sets no evaluate.long_context text",
+                  file=sys.stderr)
+            return 2
+        ev = dataclasses.replace(cfg.evaluate, long_context_windows=args.long_windows)
+        try:
+            long_ids = long_context_ids(dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, evaluate=ev)))
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if len(long_ids) < args.long_windows * (ev.long_context_length + 1):
+            print(f"error: --long-windows {args.long_windows}: evaluate.long_context {list(ev.long_context)} holds "
+                  f"{len(long_ids)} tokens, fewer than {args.long_windows} windows of {ev.long_context_length} + 1",
+                  file=sys.stderr)
+            return 2
     tasks = [load_task(name, limit=args.limit) for name in args.tasks.split(",") if name.strip()]
 
     json_path = args.out.with_suffix(".json")
     done = json.loads(json_path.read_text()) if json_path.exists() else {}
     setup = {"run": str(args.run), "run_content": _run_fingerprint(args.run), "tasks": args.tasks, "limit": args.limit,
              "ppl_tokens": len(ids), "ppl_chunk": ppl_chunk}
+    if long_ids:
+        setup.update(long_windows=args.long_windows, long_length=cfg.evaluate.long_context_length)
     results: dict = done.get("points", {}) if done.get("setup") == setup else {}
     cache: dict = {}
     models: dict = {}
@@ -144,8 +175,9 @@ def main(argv=None) -> int:
             scorer = Scorer(model)
             ppl = scorer.perplexity(ids, ppl_chunk, None, args.batch_size)
             accs = evaluate_tasks(scorer, tok, tasks, args.batch_size)
+            long = position_loss(scorer, long_ids, cfg.evaluate.long_context_length).as_dict() if long_ids else None
             results[point["name"]] = {
-                "tokens": point["tokens"], "kind": kind, "ppl": ppl.ppl,
+                "tokens": point["tokens"], "kind": kind, "ppl": ppl.ppl, "long_context": long,
                 "tasks": {k: {"acc": v["acc"], "acc_norm": v.get("acc_norm"), "n": v["n"]} for k, v in accs.items()},
                 "mean_acc": sum(v["acc"] for v in accs.values()) / len(accs) if accs else None,
                 "seconds": time.perf_counter() - t0,
@@ -162,11 +194,36 @@ def _acc(mean_acc) -> str:
     return "–" if mean_acc is None else f"{mean_acc:.4f}"
 
 
+def _far(long: dict | None) -> tuple[int, float] | None:
+    """(first position, mean NLL) of the positions from 1,024 on (from the last band's start in windows of ≤ 1,024
+    positions) of a point's loss by position, or None."""
+    if not long:
+        return None
+    start = 1024 if long["length"] > 1024 else long["bands"][-1][0]
+    far = [(hi - lo, nll) for lo, hi, nll in long["bands"] if lo >= start]
+    return start, sum(n * nll for n, nll in far) / sum(n for n, _ in far)
+
+
+def _far_ratio(results: dict, name: str) -> float | None:
+    """A point's perplexity beyond position 1,024 as a multiple of the teacher's there, or None."""
+    mine, teacher = _far(results[name].get("long_context")), _far((results.get("teacher") or {}).get("long_context"))
+    return None if mine is None or teacher is None else math.exp(mine[1] - teacher[1])
+
+
 def _table(results: dict, args) -> None:
-    print(f"| point | training tokens | held-out ppl | mean acc ({args.tasks}, n={args.limit} each) |")
-    print("|---|---:|---:|---:|")
+    longs = [r["long_context"] for r in results.values() if r.get("long_context")]
+    head = f"| point | training tokens | held-out ppl | mean acc ({args.tasks}, n={args.limit} each) |"
+    if longs:
+        start = _far(longs[0])[0]
+        head += f" NLL at positions ≥ {start:,} ({longs[0]['windows']} × {longs[0]['length']:,}) | its ppl × teacher |"
+    print(head)
+    print("|---|---:|---:|---:|" + ("---:|---:|" if longs else ""))
     for name, r in sorted(results.items(), key=lambda kv: (kv[1]["tokens"], kv[1]["kind"] != "teacher")):
-        print(f"| {name} | {r['tokens']:,} | {r['ppl']:.3f} | {_acc(r['mean_acc'])} |")
+        row = f"| {name} | {r['tokens']:,} | {r['ppl']:.3f} | {_acc(r['mean_acc'])} |"
+        if longs:
+            far, ratio = _far(r.get("long_context")), _far_ratio(results, name)
+            row += f" {'–' if far is None else f'{far[1]:.4f}'} | {'–' if ratio is None else f'{ratio:.3f}×'} |"
+        print(row)
 
 
 def _plot(results: dict, path: Path, setup: dict) -> None:
@@ -179,8 +236,11 @@ def _plot(results: dict, path: Path, setup: dict) -> None:
 
     teacher = results.get("teacher")
     with_acc = any(r["mean_acc"] is not None for r in results.values())  # --tasks '': perplexity only, one panel
-    fig, axes = plt.subplots(1, 2 if with_acc else 1, figsize=(11 if with_acc else 6, 4), squeeze=False)
+    with_long = any(_far_ratio(results, n) is not None for n in results)  # --long-windows: a panel beyond 1K
+    n_panels = 1 + with_acc + with_long
+    fig, axes = plt.subplots(1, n_panels, figsize=(5.5 * n_panels, 4), squeeze=False)
     ax1, ax2 = axes[0][0], (axes[0][1] if with_acc else None)
+    ax3 = axes[0][n_panels - 1] if with_long else None
     for kind, color in (("distill", "tab:blue"), ("finetune", "tab:green")):
         pts = sorted((r["tokens"], r["ppl"], r["mean_acc"]) for n, r in results.items()
                      if r["kind"] == kind and not n.endswith(":final"))
@@ -189,6 +249,10 @@ def _plot(results: dict, path: Path, setup: dict) -> None:
             ax1.plot(xs, [p[1] for p in pts], "o-", color=color, label=kind)
             if ax2 is not None:
                 ax2.plot(xs, [p[2] for p in pts], "o-", color=color, label=kind)
+        far = sorted((r["tokens"], _far_ratio(results, n)) for n, r in results.items()
+                     if r["kind"] == kind and not n.endswith(":final") and _far_ratio(results, n) is not None)
+        if ax3 is not None and far:
+            ax3.plot([p[0] / 1e6 for p in far], [p[1] for p in far], "o-", color=color, label=kind)
     if teacher:
         ax1.axhline(teacher["ppl"], color="k", ls="--", label="softmax teacher")
         ax1.axhline(1.05 * teacher["ppl"], color="k", ls=":", label="1.05 × teacher")
@@ -200,6 +264,11 @@ def _plot(results: dict, path: Path, setup: dict) -> None:
     if ax2 is not None:
         ax2.set_xlabel("training tokens (M)")
         ax2.set_ylabel(f"mean acc ({setup['tasks']}, n={setup['limit']})")
+    if ax3 is not None:
+        start = _far(teacher["long_context"])[0]
+        ax3.axhline(1.0, color="k", ls="--", label="softmax teacher")
+        ax3.set_xlabel("training tokens (M)")
+        ax3.set_ylabel(f"perplexity at positions ≥ {start:,} (× teacher)")
     for ax in axes[0]:
         ax.grid(alpha=0.3)
         ax.legend()

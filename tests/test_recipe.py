@@ -161,6 +161,20 @@ def test_full_recipe_and_stage_skipping(tiny, tmp_path):
     assert list(only) == ["teacher", "distill:final"] and all(p["mean_acc"] is None and p["tasks"] == {} for p in only.values())
     assert all(abs(only[k]["ppl"] - points[k]["ppl"]) <= 1e-6 * points[k]["ppl"] for k in only), (only, points)
     assert ppl_only.with_suffix(".png").stat().st_size > 0
+    # --long-windows: each point's loss by position over the config's long-context windows, the same numbers as the
+    # evaluate stage measured for that model (the curve loads the right parameters for each point)
+    long = _curve(run_dir, tmp_path / "curve_long", "--tasks", "", "--long-windows", "2",
+                  "--only", "teacher,distill:final,finetune:final")
+    for name, label in (("teacher", "softmax teacher"), ("distill:final", "after attention transfer (distill)"),
+                        ("finetune:final", "after LoRA finetuning")):
+        want, got = results["models"][label]["long_context"], long[name]["long_context"]
+        assert [b[:2] for b in got["bands"]] == [b[:2] for b in want["bands"]] and got["windows"] == 2, (name, got)
+        np.testing.assert_allclose([b[2] for b in got["bands"]], [b[2] for b in want["bands"]], rtol=1e-5, err_msg=name)
+    assert long["finetune:final"]["long_context"]["bands"] != long["teacher"]["long_context"]["bands"]
+    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "quality_curve.py"), "--run", str(run_dir),
+                          "--tasks", "", "--long-windows", "1000", "--out", str(tmp_path / "curve_bad")],
+                         env=_env(), cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 2 and "--long-windows 1000" in res.stderr and "heldout" in res.stderr, res.stderr[-2000:]
     # a re-run reuses the points of the same run (a marked value stays), never those of a re-made run in the same
     # directory (another done marker: the mark is scored away)
     saved = json.loads(ppl_only.with_suffix(".json").read_text())
