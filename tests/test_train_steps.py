@@ -16,7 +16,7 @@ from lolcats_jax.config import OptimizerConfig, load_config
 from lolcats_jax.model import FeatureMapParam, LlamaConfig, LoraParam, WindowParam
 from lolcats_jax.model.build import model_options
 from lolcats_jax.sharding import MeshShape, make_mesh
-from lolcats_jax.train.losses import distill_loss, lm_loss
+from lolcats_jax.train.losses import distill_loss, finetune_loss, lm_loss
 from lolcats_jax.train.optim import make_optimizer
 from lolcats_jax.train.step import build_steps, split_model
 from tests.train_fixtures import write_tiny_model
@@ -197,7 +197,6 @@ def test_lora_step_matches_torch(family_dir):
 def test_kl_finetune_loss_against_the_transformers_teacher(tiny_dir):
     """finetune.kl_factor: KL(teacher ‖ student) with transformers' softmax model (no LoRA) as the teacher, worked out
     in float64 from its logits and ours; its gradient reaches LoRA only through the student (the teacher is constant)."""
-    from lolcats_jax.train.losses import finetune_loss
 
     cfg = _cfg(tiny_dir)  # linearized layers + one softmax layer, T beyond the window so the linear part counts
     mesh = make_mesh(MeshShape(1, 1, 1), devices=jax.devices()[:1])
@@ -246,8 +245,9 @@ def test_kl_finetune_loss_against_the_transformers_teacher(tiny_dir):
 
 
 # Llama and Mixtral (the expert axis) both ways; Qwen2's q/k/v biases on the LoRA step and Qwen3's q/k norms on the
-# distill step — the families share every other sharding rule, and each pair costs ~30-45 s of compilation
-@pytest.mark.parametrize("family_dir,kind", [("llama", "distill"), ("llama", "lora"), ("qwen2", "lora"),
+# distill step — the families share every other sharding rule, and each pair costs ~30-45 s of compilation; the LoRA
+# step with KL to the softmax teacher (a second forward in the teacher's layer mode, a KL over the vocabulary) on Llama
+@pytest.mark.parametrize("family_dir,kind", [("llama", "distill"), ("llama", "lora"), ("llama", "lora_kl"), ("qwen2", "lora"),
                                              ("qwen3", "distill"), ("mixtral", "distill"), ("mixtral", "lora")],
                          indirect=["family_dir"])
 @pytest.mark.slow
@@ -267,7 +267,7 @@ def test_sharded_step_equals_single_device(family_dir, kind):
             else:
                 model = _load(cfg, mesh, lora=cfg.finetune.lora)
                 split = split_model(model, LoraParam)
-                loss_fn = lm_loss
+                loss_fn = functools.partial(finetune_loss, xent_factor=0.5, kl_factor=2.0) if kind == "lora_kl" else lm_loss
             tx = make_optimizer(OptimizerConfig(lr=LR))
             init_opt, train, _, _ = build_steps(split, tx, loss_fn, mesh)
             t, o = split.trainable, init_opt(split.trainable)
