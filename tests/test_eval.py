@@ -101,12 +101,13 @@ def test_paired_difference_uses_the_per_document_differences():
         metrics.paired_difference("110", "11010")
 
 
-def _result_file(path, **per_task):
-    """A file as `python -m lolcats_jax.evaluate --out` writes it, from per-document 0/1 strings."""
+def _result_file(path, groups: str | None = None, **per_task):
+    """A file as `python -m lolcats_jax.evaluate --out` writes it, from per-document 0/1 strings; `groups`: one
+    letter per document, the subject of an MMLU-like task (mean over subjects)."""
     out = {}
     for name, bits in per_task.items():
-        docs = [tasks.MultipleChoiceDoc.shared("q", ["a", "b"], 0) for _ in bits]
-        out[name] = metrics.task_metrics(tasks.Task(name, docs, ("acc",)), [{"acc": float(b)} for b in bits])
+        docs = [tasks.MultipleChoiceDoc.shared("q", ["a", "b"], 0, group=groups[i] if groups else "") for i in range(len(bits))]
+        out[name] = metrics.task_metrics(tasks.Task(name, docs, ("acc",), group_mean=bool(groups)), [{"acc": float(b)} for b in bits])
     path.write_text(json.dumps({"model": "m", "tasks": out}))
     return str(path)
 
@@ -130,6 +131,21 @@ def test_compare_command_pairs_result_files(tmp_path, capsys):
     assert f"| mean of 2 | -0.062 ± {math.sqrt(0.25 ** 2 + 0.125 ** 2) / 2:.3f} |" in text
     # the mean row: teacher (0.5 + 0.5) / 2, student (0.25 + 0.625) / 2 = 87.5 % of it
     assert "| mean acc (arc_easy, piqa) | | 0.500 ± " in text and "0.438 ± " in text and "(87.5 %)" in text
+
+    # MMLU-like, two subjects of two documents: the mean over subjects is the mean over documents, so it is paired
+    # over documents: differences (-1, 0, +1, 0), mean 0, stderr sqrt(2/3) / 2; the plain tasks' mean is unchanged
+    tm = _result_file(tmp_path / "tm.json", groups="aabb", mmlu="1100")
+    sm = _result_file(tmp_path / "sm.json", groups="aabb", mmlu="0110")
+    assert compare.main(["--model", f"teacher={t1},{t2},{tm}", "--model", f"student={s},{sm}"]) == 0
+    text = capsys.readouterr().out
+    assert f"| mmlu (2 subjects × 2; the mean over subjects) | +0.000 ± {math.sqrt(2 / 3) / 2:.3f} |" in text, text
+    assert f"| mean of 2 | -0.062 ± {math.sqrt(0.25 ** 2 + 0.125 ** 2) / 2:.3f} |" in text
+    # subjects of unequal size: the mean over subjects is not the mean over documents, no paired row
+    tu = _result_file(tmp_path / "tu.json", groups="aaab", mmlu="1100")
+    su = _result_file(tmp_path / "su.json", groups="aaab", mmlu="0110")
+    assert compare.main(["--model", f"teacher={t1},{t2},{tu}", "--model", f"student={s},{su}"]) == 0
+    text = capsys.readouterr().out
+    assert "| mmlu (" in text and "subjects ×" not in text, text
 
     short = _result_file(tmp_path / "short.json", piqa="100")
     assert compare.main(["--model", f"teacher={t1}", "--model", f"student={short}"]) == 2

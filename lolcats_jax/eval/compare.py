@@ -83,17 +83,21 @@ def paired_table(models: dict, labels: list[str], names: list[str]) -> list[str]
     error, per task and for the mean over the plain tasks (± √(Σ paired stderr²) / #tasks)."""
     labels = [lab for lab in labels if models[lab].get("tasks")]
     plain = [t for t in plain_tasks(models, names) if all("acc_per_doc" in models[lab]["tasks"][t] for lab in labels)]
-    if not plain or len(labels) < 2:
+    grouped = [t for t in names if t not in plain and _equal_groups(models, labels, t)]
+    if not (plain or grouped) or len(labels) < 2:
         return []
     ref = models[labels[0]]["tasks"]
     lines = [f"Paired difference in acc from the {labels[0]} (same documents; the standard error is that of the "
              "per-document differences, which two models that agree on most documents make far smaller than their "
              "separate standard errors):", "", "| task | " + " | ".join(labels[1:]) + " |", "|---|" + "---|" * (len(labels) - 1)]
-    diffs = {lab: [paired_difference(models[lab]["tasks"][t]["acc_per_doc"], ref[t]["acc_per_doc"]) for t in plain]
+    diffs = {lab: [paired_difference(models[lab]["tasks"][t]["acc_per_doc"], ref[t]["acc_per_doc"]) for t in plain + grouped]
              for lab in labels[1:]}
-    for i, t in enumerate(plain):
-        lines.append(f"| {t} | " + " | ".join(f"{diffs[lab][i][0]:+.3f} ± {fmt_err(diffs[lab][i][1])}" for lab in labels[1:]) + " |")
+    for i, t in enumerate(plain + grouped):
+        groups = ref[t].get("groups")
+        name = f"{t} ({len(groups)} subjects × {ref[t]['n'] // len(groups)}; the mean over subjects)" if groups else t
+        lines.append(f"| {name} | " + " | ".join(f"{diffs[lab][i][0]:+.3f} ± {fmt_err(diffs[lab][i][1])}" for lab in labels[1:]) + " |")
     if len(plain) > 1:
+        diffs = {lab: d[: len(plain)] for lab, d in diffs.items()}  # the mean is over the plain tasks only
         cells = []
         for lab in labels[1:]:
             d = sum(x for x, _ in diffs[lab]) / len(plain)
@@ -101,6 +105,18 @@ def paired_table(models: dict, labels: list[str], names: list[str]) -> list[str]
             cells.append(f"{d:+.3f} ± {fmt_err(e)}")
         lines.append(f"| mean of {len(plain)} | " + " | ".join(cells) + " |")
     return lines + [""]
+
+
+def _equal_groups(models: dict, labels: list[str], task: str) -> bool:
+    """Whether every model scored `task` per document and its groups (MMLU's subjects) all hold the same number of
+    documents: then the mean over subjects is the mean over documents, and the paired difference over documents is
+    that of the subject means."""
+    for lab in labels:
+        r = models[lab]["tasks"].get(task) or {}
+        sizes = {g["n"] for g in (r.get("groups") or {}).values()}
+        if "acc_per_doc" not in r or len(sizes) != 1:
+            return False
+    return True
 
 
 # ------------------------------------------------------------------------------------------------ the command
