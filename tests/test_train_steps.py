@@ -139,6 +139,49 @@ def test_distill_step_matches_reference(family_dir):
     assert set(after) == {"lolcats/fmap_q", "lolcats/fmap_k", "lolcats/window_logit"}  # nothing else is trainable
 
 
+@pytest.mark.slow
+def test_distill_gradient_with_attention_xent_matches_reference(tiny_dir):
+    """mse_factor × MSE + xent_factor × attention-map cross-entropy: each layer's gradient is taken inside the layer
+    (`layer.layer_local_grad`); loss, metrics and gradients against transformers' teacher stream and the float64
+    full-map formulas (`lolcats_attention_reference`, `attention_xent_reference`)."""
+    from kernels.lolcats import FeatureMapParams, lolcats_attention_reference
+    from kernels.lolcats.xent import attention_xent_reference
+
+    cfg = _cfg(tiny_dir)
+    mesh = make_mesh(MeshShape(1, 1, 1), devices=jax.devices()[:1])
+    tokens = _tokens(2, 24, seed=3)
+    with compat.set_mesh(mesh):
+        model = _load(cfg, mesh)
+        split = split_model(model, nnx.Any(FeatureMapParam, WindowParam))
+        loss_fn = functools.partial(distill_loss, mse_factor=1000.0, xent_factor=0.5)
+        batch = {"input_ids": jnp.asarray(tokens), "labels": jnp.asarray(tokens)}
+        (loss, metrics), grads = jax.jit(jax.value_and_grad(lambda t: loss_fn(split.merge(t), batch), has_aux=True))(split.trainable)
+        before = jax.tree.map(np.asarray, split.trainable)
+    tm = _torch_model(tiny_dir)
+    lin_layers = [0, 2]  # layer 1 stays softmax
+    spec = model.opts.lolcats.spec()
+    teacher = [[jnp.asarray(a, jnp.float64) for a in _torch_qkv_and_teacher(tm, tokens, layer)] for layer in lin_layers]
+    with compat.enable_x64():
+        def ref_terms(fq, fk, th):
+            mse = xent = 0.0
+            for n, (q, k, v, y_t) in enumerate(teacher):
+                fm = FeatureMapParams(wq=fq[n], wk=fk[n])
+                mse = mse + jnp.mean((lolcats_attention_reference(q, k, v, fm, th[n], spec) - y_t) ** 2)
+                xent = xent + attention_xent_reference(q, k, fm, th[n], spec)
+            return 1000.0 * mse / len(lin_layers), 0.5 * xent / len(lin_layers)
+
+        args = [jnp.asarray(before[k], jnp.float64) for k in ("lolcats/fmap_q", "lolcats/fmap_k", "lolcats/window_logit")]
+        r_mse, r_xent = ref_terms(*args)
+        r_grads = jax.grad(lambda *a: sum(ref_terms(*a)), argnums=(0, 1, 2))(*args)
+    assert float(r_xent) > 0.05 * float(r_mse)  # both terms matter to the gradient
+    for got, want in ((metrics["mse"], r_mse), (metrics["xent"], r_xent), (loss, r_mse + r_xent)):
+        assert abs(float(got) - float(want)) < 1e-4 * abs(float(want)), (float(got), float(want))
+    for key, rg in zip(("lolcats/fmap_q", "lolcats/fmap_k", "lolcats/window_logit"), r_grads):
+        g = np.asarray(grads[key], np.float64)
+        rel = np.linalg.norm(g - np.asarray(rg)) / np.linalg.norm(np.asarray(rg))
+        assert rel < 1e-3, (key, rel)
+
+
 def _lora_weights(split, rng):
     """Random nonzero LoRA B (B starts at 0, which would hide the A gradient)."""
     out = dict(split.trainable)

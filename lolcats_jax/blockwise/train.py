@@ -44,7 +44,7 @@ def block_distill_loss(model: Llama, batch: dict, key: jax.Array | None = None, 
     x_BTE = constrain(batch["hidden"].astype(model.compute_dtype), ("batch", "seq", "act_embed"))
     B, T = x_BTE.shape[:2]
     positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    _, per_layer = model.run_layers(x_BTE, positions_BT, mode="distill", xent=xent_factor > 0)
+    _, per_layer = model.run_layers(x_BTE, positions_BT, mode="distill", mse_factor=mse_factor, xent_factor=xent_factor)
     return distill_objective(per_layer, mse_factor=mse_factor, xent_factor=xent_factor)
 
 

@@ -6,7 +6,9 @@ Modes:
     forward   plain forward (softmax or LoLCATS attention, LoRA if present); aux = {}
     distill   teacher forcing for attention transfer: the layer returns the *teacher's* output (so every layer
               sees the softmax model's hidden stream) and aux holds the per-layer losses of the student
-              attention against the teacher (MSE on per-head outputs before o_proj, optional attention xent)
+              attention against the teacher (MSE on per-head outputs before o_proj, optional attention xent) and
+              their weighted sum, the layer's objective, whose gradient is taken inside the layer
+              (`layer_local_grad`); make_body takes the weights as `mse_factor`, `xent_factor`
     collect   forward that also returns the layer's input hidden states (aux = {"input": x})
     teacher   the softmax teacher inside a linearized (and LoRA-adapted) model: softmax attention in every layer,
               no LoRA; aux = {}
@@ -15,6 +17,7 @@ Modes:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -108,8 +111,6 @@ def fmap_params(p: dict):
 
 def lolcats_attention_fn(ctx: LayerContext, p: dict, q, k, v):
     """LoLCATS attention of one layer; kernels that XLA cannot partition (Pallas, Triton) run per shard."""
-    import functools
-
     from kernels.lolcats import Backend, resolve_backend
     from lolcats_jax.model.kernel_shards import OPAQUE_BACKENDS, per_shard
 
@@ -126,6 +127,58 @@ def _attend(q, k, v, fmap, theta_H, *, spec, backend):
     from kernels.lolcats import lolcats_attention
 
     return lolcats_attention(q, k, v, fmap, theta_H, spec, backend=backend)
+
+
+STUDENT_PARAMS = ("fmap_q", "fmap_k", "fbias_q", "fbias_k", "window_logit")  # what a layer's distill losses depend on
+
+
+def student_objective(ctx: LayerContext, p: dict, teacher: dict, *, mse_factor: float,
+                      xent_factor: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """One layer's attention-transfer objective, mse_factor × MSE of the per-head outputs + xent_factor × the
+    attention-map cross-entropy (left out when 0), from its student parameters `p` (feature maps, window factors) and
+    the teacher's `q`, `k`, `v` and attention output `y` (`teacher`); and the two terms unscaled."""
+    q, k, v = teacher["q"], teacher["k"], teacher["v"]
+    y_student = lolcats_attention_fn(ctx, p, q, k, v)
+    diff = y_student.astype(jnp.float32) - teacher["y"].astype(jnp.float32)
+    terms = {"mse": jnp.mean(diff * diff)}
+    objective = mse_factor * terms["mse"]
+    if xent_factor > 0:
+        from kernels.lolcats import attention_xent
+
+        terms["xent"] = attention_xent(q, k, v, fmap_params(p), p["window_logit"], ctx.opts.lolcats.spec())
+        objective = objective + xent_factor * terms["xent"]
+    return objective, terms
+
+
+def layer_local_grad(loss_fn: Callable[[dict, dict], tuple[jax.Array, dict]], params: dict,
+                     consts: dict) -> tuple[jax.Array, dict]:
+    """`loss_fn(params, consts)` → (scalar, aux), with the scalar's gradient in `params` taken at once, in the forward
+    pass; aux is returned without gradient.
+
+    In attention transfer a layer's objective depends on nothing trainable but its own student parameters (the
+    teacher's q, k, v and output are constants), so its gradient can be computed right after its forward, inside the
+    layer scan; the backward pass then only scales that gradient by the objective's cotangent. Nothing but the (small)
+    parameter gradients is kept across layers, where plain autodiff of the scan would stack every layer's student
+    activations for a reverse scan. Same value and gradient. `consts` get zero cotangents: the caller stops their
+    gradients."""
+    const_shapes = jax.tree.map(lambda c: jax.ShapeDtypeStruct(c.shape, c.dtype), consts)
+
+    @jax.custom_vjp
+    def f(pp, cc):
+        return loss_fn(pp, cc)
+
+    def fwd(pp, cc):
+        (value, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(pp, cc)
+        return (value, aux), grads
+
+    def bwd(grads, ct):
+        ct_value, _ = ct  # aux leaves f only through stop_gradient below: its cotangents are zero
+        return (jax.tree.map(lambda g: (ct_value * g).astype(g.dtype), grads),
+                jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), const_shapes))
+
+    f.defvjp(fwd, bwd)
+    value, aux = f(params, consts)
+    return value, jax.lax.stop_gradient(aux)
 
 
 def make_body(ctx: LayerContext, kind: str, mode: str, **kw) -> Callable[[jax.Array, dict], tuple[jax.Array, Any]]:
@@ -147,13 +200,11 @@ def make_body(ctx: LayerContext, kind: str, mode: str, **kw) -> Callable[[jax.Ar
         elif mode == "distill":
             y_teacher = jax.lax.stop_gradient(causal_softmax_attention(q, k, v))
             q_s, k_s, v_s = (jax.lax.stop_gradient(t) for t in (q, k, v))
-            y_student = lolcats_attention_fn(ctx, p, q_s, k_s, v_s)
-            diff = y_student.astype(jnp.float32) - y_teacher.astype(jnp.float32)
-            aux["mse"] = jnp.mean(diff * diff)
-            if kw.get("xent", False):
-                from kernels.lolcats import attention_xent
-
-                aux["xent"] = attention_xent(q_s, k_s, v_s, fmap_params(p), p["window_logit"], ctx.opts.lolcats.spec())
+            student = {name: p[name] for name in STUDENT_PARAMS if name in p}
+            teacher = {"q": q_s, "k": k_s, "v": v_s, "y": y_teacher}
+            objective = functools.partial(student_objective, ctx, mse_factor=kw["mse_factor"], xent_factor=kw["xent_factor"])
+            aux["objective"], terms = layer_local_grad(objective, student, teacher)
+            aux.update(terms)
             y = y_teacher
         else:
             y = lolcats_attention_fn(ctx, p, q, k, v)

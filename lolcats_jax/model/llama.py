@@ -303,7 +303,8 @@ class Llama(nnx.Module):
                 keys = jax.vmap(lambda i: jax.random.fold_in(lora_dropout_key, i))(jnp.arange(seg.start, seg.stop))
                 params = dict(params, lora_dropout_key=keys)
             body = layer.make_body(ctx, seg.kind, mode, **mode_kw)
-            if self.opts.remat:
+            if self.opts.remat and mode != "distill":
+                # (attention transfer takes each layer's gradient inside the layer: no activations wait for a backward pass)
                 body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
             x_BTE, aux = jax.lax.scan(body, x_BTE, params)
             for j in range(seg.stop - seg.start):

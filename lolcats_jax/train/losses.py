@@ -30,22 +30,23 @@ def distill_loss(model: Llama, batch: dict, key: jax.Array | None = None, *, mse
     tokens_BT = batch["input_ids"]
     B, T = tokens_BT.shape
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    _, per_layer = model.run_layers(model.embed_tokens(tokens_BT), positions, mode="distill", xent=xent_factor > 0)
+    _, per_layer = model.run_layers(model.embed_tokens(tokens_BT), positions, mode="distill", mse_factor=mse_factor,
+                                    xent_factor=xent_factor)
     return distill_objective(per_layer, mse_factor=mse_factor, xent_factor=xent_factor)
 
 
 def distill_objective(per_layer: list, *, mse_factor: float, xent_factor: float) -> tuple[jax.Array, dict]:
-    """The attention-transfer loss and metrics from the per-layer `aux` of a teacher-forced ("distill") run
-    (shared by the joint stage and the block-wise one, which runs only a block's layers)."""
-    mse_L = jnp.stack([a["mse"] for a in per_layer if "mse" in a])
-    mse = jnp.mean(mse_L)
-    loss = mse_factor * mse
-    metrics = {"mse": mse_factor * mse, "layer_mse": mse_L}
+    """The attention-transfer loss and metrics from the per-layer `aux` of a teacher-forced ("distill") run whose
+    layers were given the same factors (shared by the joint stage and the block-wise one, which runs only a block's
+    layers): the loss is the mean over linearized layers of each layer's objective, mse_factor × MSE + xent_factor ×
+    attention cross-entropy (its gradient taken inside the layer); the metrics are the factor-scaled means of the two
+    terms and the per-layer MSE."""
+    lin = [a for a in per_layer if "objective" in a]
+    loss = jnp.mean(jnp.stack([a["objective"] for a in lin]))
+    mse_L = jnp.stack([a["mse"] for a in lin])
+    metrics = {"loss": loss, "mse": mse_factor * jnp.mean(mse_L), "layer_mse": mse_L}
     if xent_factor > 0:
-        xent = jnp.mean(jnp.stack([a["xent"] for a in per_layer if "xent" in a]))
-        loss = loss + xent_factor * xent
-        metrics["xent"] = xent_factor * xent
-    metrics["loss"] = loss
+        metrics["xent"] = xent_factor * jnp.mean(jnp.stack([a["xent"] for a in lin]))
     return loss, metrics
 
 
