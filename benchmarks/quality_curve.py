@@ -269,6 +269,7 @@ def _plot(results: dict, path: Path, setup: dict) -> None:
         ax3.axhline(1.0, color="k", ls="--", label="softmax teacher")
         ax3.set_xlabel("training tokens (M)")
         ax3.set_ylabel(f"perplexity at positions ≥ {start:,} (× teacher)")
+        ax3.set_yscale("log")
     for ax in axes[0]:
         ax.grid(alpha=0.3)
         ax.legend()
