@@ -160,8 +160,10 @@ def test_distill_gradient_with_attention_xent_matches_reference(tiny_dir):
     tm = _torch_model(tiny_dir)
     lin_layers = [0, 2]  # layer 1 stays softmax
     spec = model.opts.lolcats.spec()
-    teacher = [[jnp.asarray(a, jnp.float64) for a in _torch_qkv_and_teacher(tm, tokens, layer)] for layer in lin_layers]
+    teacher_np = [_torch_qkv_and_teacher(tm, tokens, layer) for layer in lin_layers]
     with compat.enable_x64():
+        teacher = [[jnp.asarray(a, jnp.float64) for a in arrays] for arrays in teacher_np]
+
         def ref_terms(fq, fk, th):
             mse = xent = 0.0
             for n, (q, k, v, y_t) in enumerate(teacher):
