@@ -34,7 +34,8 @@ class ModelConfig:
     architecture: str | None = None  # a config.json describing the model, for planning without the weights
     param_dtype: str = "bfloat16"
     compute_dtype: str = "float32"
-    remat: bool = True
+    remat: bool = True  # rematerialise each layer in LoRA / finetune backward passes (attention transfer needs none:
+    # each layer's gradient is taken inside the layer, so its activations are never kept for a backward pass)
 
 
 @dataclasses.dataclass(frozen=True)
