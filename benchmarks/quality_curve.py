@@ -236,7 +236,8 @@ def _plot(results: dict, path: Path, setup: dict) -> None:
 
     teacher = results.get("teacher")
     with_acc = any(r["mean_acc"] is not None for r in results.values())  # --tasks '': perplexity only, one panel
-    with_long = any(_far_ratio(results, n) is not None for n in results)  # --long-windows: a panel beyond 1K
+    ratios = {n: _far_ratio(results, n) for n in results}
+    with_long = any(r is not None for r in ratios.values())  # --long-windows: a panel beyond 1K
     n_panels = 1 + with_acc + with_long
     fig, axes = plt.subplots(1, n_panels, figsize=(5.5 * n_panels, 4), squeeze=False)
     ax1, ax2 = axes[0][0], (axes[0][1] if with_acc else None)
@@ -249,8 +250,8 @@ def _plot(results: dict, path: Path, setup: dict) -> None:
             ax1.plot(xs, [p[1] for p in pts], "o-", color=color, label=kind)
             if ax2 is not None:
                 ax2.plot(xs, [p[2] for p in pts], "o-", color=color, label=kind)
-        far = sorted((r["tokens"], _far_ratio(results, n)) for n, r in results.items()
-                     if r["kind"] == kind and not n.endswith(":final") and _far_ratio(results, n) is not None)
+        far = sorted((r["tokens"], ratios[n]) for n, r in results.items()
+                     if r["kind"] == kind and not n.endswith(":final") and ratios[n] is not None)
         if ax3 is not None and far:
             ax3.plot([p[0] / 1e6 for p in far], [p[1] for p in far], "o-", color=color, label=kind)
     if teacher:

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from lolcats_jax.model.llama import LayerContext, apply_rope_ctx, causal_softmax_attention, rms_norm
+from lolcats_jax.model.llama import LOLCATS_PARAMS, LayerContext, apply_rope_ctx, causal_softmax_attention, rms_norm
 from lolcats_jax.sharding import constrain
 
 
@@ -129,9 +129,6 @@ def _attend(q, k, v, fmap, theta_H, *, spec, backend):
     return lolcats_attention(q, k, v, fmap, theta_H, spec, backend=backend)
 
 
-STUDENT_PARAMS = ("fmap_q", "fmap_k", "fbias_q", "fbias_k", "window_logit")  # what a layer's distill losses depend on
-
-
 def student_objective(ctx: LayerContext, p: dict, teacher: dict, *, mse_factor: float,
                       xent_factor: float) -> tuple[jax.Array, dict[str, jax.Array]]:
     """One layer's attention-transfer objective, mse_factor × MSE of the per-head outputs + xent_factor × the
@@ -200,7 +197,7 @@ def make_body(ctx: LayerContext, kind: str, mode: str, **kw) -> Callable[[jax.Ar
         elif mode == "distill":
             y_teacher = jax.lax.stop_gradient(causal_softmax_attention(q, k, v))
             q_s, k_s, v_s = (jax.lax.stop_gradient(t) for t in (q, k, v))
-            student = {name: p[name] for name in STUDENT_PARAMS if name in p}
+            student = {name: p[name] for name in LOLCATS_PARAMS if name in p}
             teacher = {"q": q_s, "k": k_s, "v": v_s, "y": y_teacher}
             objective = functools.partial(student_objective, ctx, mse_factor=kw["mse_factor"], xent_factor=kw["xent_factor"])
             aux["objective"], terms = layer_local_grad(objective, student, teacher)

@@ -254,7 +254,7 @@ class Llama(nnx.Module):
         if seg.kind == "lolcats":
             n = seg.stop - seg.start
             sl = slice(seg.lin_start, seg.lin_start + n)
-            for name in ("fmap_q", "fmap_k", "fbias_q", "fbias_k", "window_logit"):
+            for name in LOLCATS_PARAMS:
                 if hasattr(self.lolcats, name):
                     p[name] = getattr(self.lolcats, name)[...][sl]
         if self.opts.lora is not None:
@@ -325,6 +325,10 @@ class Llama(nnx.Module):
         positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1], dtype=jnp.int32), tokens_BT.shape)
         x, _ = self.run_layers(self.embed_tokens(tokens_BT), positions_BT, mode="teacher")
         return jax.lax.stop_gradient(self.logits(x))
+
+
+# a linearized layer's own parameters (feature maps, their optional biases, window factors), as a layer body sees them
+LOLCATS_PARAMS = ("fmap_q", "fmap_k", "fbias_q", "fbias_k", "window_logit")
 
 
 @dataclasses.dataclass(frozen=True)
