@@ -25,6 +25,12 @@ Backward (custom VJP, nothing of size F'×Dv stored per chunk):
      state→key terms f_k,j ← G v_j + g_z, v_j ← G f_k,j.
 Gradients to the feature-map weights and θ flow by ordinary autodiff through `feature_map` and `window_factors`.
 
+Chunk scans of at most UNROLL_MAX_CHUNKS chunks are unrolled in full: XLA then sees static chunk indices (the first
+chunk's masks fold to constants, outputs are concatenated instead of written into a loop buffer) and no while-loop
+carry copies. One SmolLM2 layer's value-and-grad on 2 CPU cores (benchmarks/results/train_steps_cpu.md): T = 256
+(4 chunks) ~19 → ~13 ms; T = 1,024 (16) ~10-20 % faster for ~14 s more compile; T = 4,096 (64) slower (469 → 580
+ms) and 83 s of compile, so longer inputs keep the loop.
+
 Softmax form (the teacher): exact causal softmax over query chunks (`lax.map` of a rematerialised block), so
 neither direction holds a (T, T) map.
 """
@@ -44,6 +50,9 @@ from kernels.lolcats.feature_maps import compute_dtype, query_key_features, wind
 from kernels.lolcats.spec import LINEAR_DENOM_EPS, FeatureMapParams, LolcatsSpec, key_sets
 
 
+UNROLL_MAX_CHUNKS = 16  # chunk scans over at most this many chunks are unrolled in full (see the module docstring)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Static:
     """Hashable static configuration of the custom-VJP core."""
@@ -54,6 +63,11 @@ class _Static:
     den_eps: float
     win_CS: tuple  # (C, 2C) bool masks as nested tuples (hashable)
     lin_CS: tuple
+    unroll_max: int  # UNROLL_MAX_CHUNKS when built
+
+    def unroll(self, num_chunks: int) -> int:
+        """`lax.scan`'s unroll for a scan over `num_chunks` chunks: all of them, or 1 (a loop)."""
+        return num_chunks if num_chunks <= self.unroll_max else 1
 
     @property
     def masks(self) -> tuple[np.ndarray, np.ndarray]:
@@ -68,7 +82,7 @@ def _make_static(spec: LolcatsSpec) -> _Static:
     win, lin = np.broadcast_to(win, (C, 2 * C)), np.broadcast_to(lin, (C, 2 * C))
     eps = LINEAR_DENOM_EPS if spec.form == "linear" else 0.0
     return _Static(C, spec.form == "hybrid", bool(lin.any()), eps, tuple(map(tuple, win.tolist())),
-                   tuple(map(tuple, lin.tolist())))
+                   tuple(map(tuple, lin.tolist())), UNROLL_MAX_CHUNKS)
 
 
 def _span_masks(st: _Static, n) -> tuple[Array, Array]:
@@ -117,7 +131,7 @@ def _fwd_scan(st: _Static, q, k, v, fq, fk, gamma_KG, lam_KG):
     dtype = q.dtype
     init = (jnp.zeros((B, K, G, Fp, Dv), dtype), jnp.zeros((B, K, G, Fp), dtype), jnp.zeros_like(k[0]),
             jnp.zeros_like(v[0]), jnp.zeros_like(fk[0]))
-    _, (y, den) = lax.scan(step, init, (jnp.arange(N), q, k, v, fq, fk))
+    _, (y, den) = lax.scan(step, init, (jnp.arange(N), q, k, v, fq, fk), unroll=st.unroll(N))
     return y, den
 
 
@@ -176,7 +190,8 @@ def _core_bwd(st, res, dy):
     zeros_kg = jnp.zeros((K, G), q.dtype)
     init = (jnp.zeros((B, K, G, Fp, Dv), q.dtype), jnp.zeros((B, K, G, Fp), q.dtype), jnp.zeros_like(k[0]),
             jnp.zeros_like(v[0]), jnp.zeros_like(fk[0]), zeros_kg, zeros_kg)
-    (_, _, _, _, _, dg, dl), outs = lax.scan(span_step, init, (jnp.arange(N), q, k, v, fq, fk, dnum, dden))
+    (_, _, _, _, _, dg, dl), outs = lax.scan(span_step, init, (jnp.arange(N), q, k, v, fq, fk, dnum, dden),
+                                             unroll=st.unroll(N))
     dq, dk_p, dk_c, dv_p, dv_c, dfq, dfk_p, dfk_c = outs
 
     def shift_add(cur, prev_part):  # span part for "previous chunk" of step n+1 belongs to chunk n
@@ -194,7 +209,8 @@ def _core_bwd(st, res, dy):
         return (G_S + dS_next, G_z + dz_next, dS_n, dz_n), (dfk_n, dv_n)
 
     zS, zz = jnp.zeros((B, K, G, Fp, Dv), q.dtype), jnp.zeros((B, K, G, Fp), q.dtype)
-    _, (dfk_state, dv_state) = lax.scan(state_step, (zS, zz, zS, zz), (fq, dnum, dden, fk, v), reverse=True)
+    _, (dfk_state, dv_state) = lax.scan(state_step, (zS, zz, zS, zz), (fq, dnum, dden, fk, v), reverse=True,
+                                        unroll=st.unroll(N))
     return dq, dk, dv + dv_state, dfq, dfk + dfk_state, dg, dl
 
 

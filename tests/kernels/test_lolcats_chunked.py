@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from lolcats_testutil import grad_errors, make_inputs, output_and_grads, rel_rms
 
 from kernels.lolcats import Backend, LolcatsSpec, lolcats_attention, lolcats_attention_reference, resolve_backend
+from kernels.lolcats import chunked
 from kernels.lolcats.chunked import lolcats_attention_chunked
 from lolcats_jax.compat import enable_x64
 
@@ -46,8 +47,16 @@ def _compare(kw, B, T, H, dtype, seed=0):
     return rel_rms(y, y_ref), grad_errors(g, g_ref)
 
 
+@pytest.fixture(params=["unrolled", "loop"])
+def chunk_scan(request, monkeypatch):
+    """Both forms of the chunk scans: unrolled in full (every case here has ≤ 16 chunks) and a while loop."""
+    if request.param == "loop":
+        monkeypatch.setattr(chunked, "UNROLL_MAX_CHUNKS", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("case", CASES, ids=_ids)
-def test_chunked_matches_reference_float32(case):
+def test_chunked_matches_reference_float32(case, chunk_scan):
     y_err, g_err = _compare(*case, jnp.float32)
     tol_y, tol_g = TOL[jnp.float32]
     assert y_err < tol_y and max(g_err.values()) < tol_g, (y_err, g_err)
@@ -110,6 +119,17 @@ def test_chunked_backward_memory_is_linear_in_T():
     assert large / small < 5.0, (small, large)  # ×4 tokens → ≈×4 memory (quadratic would be ×16)
     ref_small, ref_large = temp_bytes(lolcats_attention_reference, 256), temp_bytes(lolcats_attention_reference, 1024)
     assert ref_large / ref_small > 10.0 and large < ref_large / 5, (ref_small, ref_large, large)
+
+
+@pytest.mark.parametrize("T, loops", [(16, 0), (64, 0), (68, 3)])  # C = 4: 4, 16, 17 chunks
+def test_chunk_scans_unroll_up_to_the_limit(T, loops):
+    """Value-and-grad holds no while loop up to UNROLL_MAX_CHUNKS chunks and one per chunk scan (forward
+    recomputation, span backward, state backward) beyond it."""
+    spec = LolcatsSpec(window="tk", window_size=4, chunk_size=4)
+    inputs = make_inputs(0, 1, T, 2, 8, 4)
+    grad = jax.jit(jax.grad(lambda *a: jnp.sum(lolcats_attention_chunked(*a, spec) ** 2), argnums=(0, 1, 2, 3, 4)))
+    hlo = grad.lower(*inputs).as_text()
+    assert chunked.UNROLL_MAX_CHUNKS == 16 and hlo.count("stablehlo.while") == loops
 
 
 def test_spans_without_linear_pairs_skip_the_linear_terms():
