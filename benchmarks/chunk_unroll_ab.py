@@ -5,7 +5,7 @@
 
 Per cell (stage, T, reps) both steps are built in one process from the same weights (`lolcats_jax.bench.train`'s
 `build_cell`), once with `kernels.lolcats.chunked.UNROLL_MAX_CHUNKS = 0` (every chunk scan a while loop) and once
-with 16 (scans of ≤ 16 chunks unrolled), and then timed alternately, step by step, so that both see the same
+with its default (16: scans of ≤ 16 chunks unrolled), and then timed alternately, step by step, so that both see the same
 machine. Separate processes on this 2-core VM differ by up to ±10 % from run to run; alternating removes most of
 that. Prints a markdown table and writes `<out>.md` / `<out>.json`.
 """
@@ -21,9 +21,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-FORMS = (("loop", 0), ("unrolled", 16))
-
 
 def _cell(text: str) -> tuple[str, int, int]:
     stage, T, reps = text.split(":")
@@ -47,6 +44,8 @@ def main(argv=None) -> int:
     from lolcats_jax.config import load_config
     from lolcats_jax.sharding import make_mesh
 
+    default_limit = chunked.UNROLL_MAX_CHUNKS
+    forms = (("loop", 0), ("unrolled", default_limit))
     cfg = load_config(args.config)
     mesh = make_mesh(cfg.mesh.shape())
     cache: dict = {}
@@ -54,13 +53,13 @@ def main(argv=None) -> int:
     load_before = [round(x, 2) for x in os.getloadavg()]
     for stage, T, reps in args.cells:
         steps, row = {}, dict(stage=stage, T=T, reps=reps)
-        for name, limit in FORMS:
+        for name, limit in forms:
             chunked.UNROLL_MAX_CHUNKS = limit  # read when the step is traced (inside build_cell)
             step, compile_s, _ = build_cell(cfg, cfg.model.path, mesh, Cell(stage, T, 1, 1), cache)
             row[f"{name}_loss"] = float(step()["loss"])  # warm run
             row[f"{name}_compile_s"] = round(compile_s, 2)
             steps[name] = step
-        chunked.UNROLL_MAX_CHUNKS = 16
+        chunked.UNROLL_MAX_CHUNKS = default_limit
         times = {name: [] for name in steps}
         for _ in range(reps):
             for name, step in steps.items():
@@ -74,7 +73,7 @@ def main(argv=None) -> int:
         row["speedup"] = round(row["loop_median_s"] / row["unrolled_median_s"], 3)
         rows.append(row)
         print(_row_md(row), flush=True)
-    result = dict(config=args.config, rows=rows, load_before=load_before,
+    result = dict(config=args.config, unroll_max_chunks=default_limit, rows=rows, load_before=load_before,
                   load_after=[round(x, 2) for x in os.getloadavg()],
                   glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""), cpus=os.cpu_count())
     md = (f"Paired A/B, `{Path(args.config).name}`, batch 1, alternating steps in one process; load average before "
